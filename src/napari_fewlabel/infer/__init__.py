@@ -1,0 +1,1 @@
+"""infer room (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""losses room (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""napari room (see DESIGN.md)."""
