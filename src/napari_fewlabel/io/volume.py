@@ -269,12 +269,21 @@ class Volume:
                 "The file's voxel-to-world transform is missing or not finite: "
                 "fix the header (spacing, origin, direction) in the scanner export."
             )
-        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        columns = affine[:3, :3] / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-300)
+        if (
+            abs(np.linalg.det(columns)) < 1e-6
+            or np.linalg.norm(affine[:3, :3], axis=0).min() < 1e-6
+        ):
             raise FewLabelError(
-                "The file's voxel-to-world transform is singular (a zero voxel size?): "
-                "fix the spacing in the file header."
+                "The file's voxel-to-world transform is singular (a zero voxel size, or two "
+                "axes pointing the same way): fix the spacing and direction in the file header."
             )
         file_ornt = nio.io_orientation(affine)
+        if np.isnan(file_ornt).any():
+            raise FewLabelError(
+                "The file's voxel axes do not map onto distinct world axes: fix the "
+                "direction (orientation) in the file header."
+            )
         to_display = nio.ornt_transform(file_ornt, _DISPLAY_ORNT)
         array = nio.apply_orientation(file_array, to_display)
         display_affine = affine @ nio.inv_ornt_aff(to_display, file_array.shape)
@@ -358,7 +367,12 @@ def _triple(values: Any) -> tuple[float, float, float]:
 def guess_modality(array: np.ndarray) -> Modality:
     """Guess CT vs MR from intensities when the header does not say.
 
-    CT in Hounsfield units has air near -1000; MR magnitude images are >= 0.
+    CT in Hounsfield units has air at about -1000 HU around the patient and in
+    the lungs, and rarely exceeds a few thousand HU; MR intensities are
+    arbitrary but almost never contain a block of values near -1000.
     """
-    lo = float(np.min(array)) if array.size else 0.0
-    return "CT" if lo <= -500.0 else "MR"
+    if array.size == 0:
+        return "unknown"
+    sample = np.asarray(array).ravel()[:: max(1, array.size // 1_000_000)]
+    air = np.count_nonzero((sample >= -1100) & (sample <= -900)) / sample.size
+    return "CT" if air >= 0.005 and float(np.percentile(sample, 99.9)) <= 4000 else "MR"

@@ -1,1 +1,1 @@
-"""napari room (see DESIGN.md)."""
+"""Everything that imports napari or Qt: readers, writers, sample data, widgets."""

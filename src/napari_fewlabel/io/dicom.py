@@ -1,0 +1,261 @@
+"""DICOM series from a folder, with geometry computed from the slices themselves.
+
+* Files are grouped by SeriesInstanceUID (and orientation, so a localizer
+  stored in the same series does not join the stack); the largest group wins
+  and the others are listed in ``Volume.header["other_series"]``.
+* Slices are sorted by their position along the slice normal
+  (``dot(ImagePositionPatient, row_cosines x column_cosines)``), never by file
+  name or InstanceNumber, and must be evenly spaced: a gap means missing files.
+* Pixel data is decoded by SimpleITK (GDCM), which handles the compressed
+  transfer syntaxes (RLE, JPEG, JPEG-LS, JPEG 2000) and applies
+  RescaleSlope/Intercept, so CT comes out in HU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.itk import file_array
+from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume, guess_modality
+
+# A study folder can hold thousands of files; read headers of at most this many.
+MAX_FILES = 20_000
+# Relative tolerance on the spacing between consecutive slices.
+_SPACING_TOLERANCE = 0.02
+
+_TAGS = {
+    "series_uid": "0020|000e",
+    "position": "0020|0032",
+    "orientation": "0020|0037",
+    "pixel_spacing": "0028|0030",
+    "modality": "0008|0060",
+    "series_description": "0008|103e",
+    "series_number": "0020|0011",
+    "rows": "0028|0010",
+    "columns": "0028|0011",
+}
+# Technical tags kept in Volume.header (no patient-identifying tags).
+_HEADER_TAGS = {
+    "Modality": "0008|0060",
+    "SeriesDescription": "0008|103e",
+    "SeriesNumber": "0020|0011",
+    "SeriesInstanceUID": "0020|000e",
+    "Manufacturer": "0008|0070",
+    "SliceThickness": "0018|0050",
+    "ConvolutionKernel": "0018|1210",
+    "MagneticFieldStrength": "0018|0087",
+}
+
+
+@dataclass(frozen=True)
+class _Slice:
+    path: str
+    series_uid: str
+    position: np.ndarray  # (3,) LPS mm
+    row_cosines: np.ndarray  # (3,) direction of increasing column index
+    col_cosines: np.ndarray  # (3,) direction of increasing row index
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    rows: int
+    columns: int
+    tags: dict[str, str]
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cosines, self.col_cosines)
+
+    def group_key(self) -> tuple[Any, ...]:
+        return (
+            self.series_uid,
+            tuple(np.round(self.row_cosines, 3)),
+            tuple(np.round(self.col_cosines, 3)),
+            self.rows,
+            self.columns,
+        )
+
+
+def looks_like_dicom(path: Path) -> bool:
+    """Cheap sniff: the 'DICM' magic after the 128-byte preamble, or a .dcm name."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def folder_has_dicom(folder: Path, limit: int = 200) -> bool:
+    """Whether any of the first ``limit`` files under ``folder`` looks like DICOM."""
+    for n, path in enumerate(_walk_files(folder)):
+        if n >= limit:
+            return False
+        if looks_like_dicom(path):
+            return True
+    return False
+
+
+def read_dicom_series(folder: Path) -> Volume:
+    """Read the largest DICOM series under ``folder`` (searched recursively)."""
+    slices = [s for s in (_read_slice_header(p) for p in _walk_files(folder)) if s is not None]
+    if not slices:
+        raise FewLabelError(
+            f"No DICOM images with position and orientation found in {folder}: choose the "
+            "folder that holds the series' image files (not a DICOMDIR or report folder)."
+        )
+    groups: dict[tuple[Any, ...], list[_Slice]] = {}
+    for s in slices:
+        groups.setdefault(s.group_key(), []).append(s)
+    ranked = sorted(groups.values(), key=len, reverse=True)
+    chosen = ranked[0]
+    others = _describe_others(ranked[1:])
+
+    normal = chosen[0].normal
+    chosen.sort(key=lambda s: float(np.dot(s.position, normal)))
+    positions = np.array([float(np.dot(s.position, normal)) for s in chosen])
+    step = _uniform_step(positions, folder)
+
+    first = chosen[0]
+    image = _read_pixels([s.path for s in chosen], folder)
+    data = file_array(image)  # (columns, rows, slices)
+    if data.dtype == np.int32 and data.size and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)  # GDCM widens rescaled CT to int32; halve the memory
+    if data.shape != (first.columns, first.rows, len(chosen)):
+        raise FewLabelError(
+            f"The DICOM images in {folder} decoded to shape {data.shape}, expected "
+            f"{(first.columns, first.rows, len(chosen))}: the series may mix image sizes."
+        )
+    row_mm, col_mm = first.pixel_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = first.row_cosines * col_mm  # i: along a row (increasing column)
+    lps[:3, 1] = first.col_cosines * row_mm  # j: down a column (increasing row)
+    lps[:3, 2] = normal * step  # k: sorted slices
+    lps[:3, 3] = first.position
+
+    header: dict[str, Any] = {"format": "DICOM", "path": str(folder), "files": len(chosen)}
+    header.update({k: first.tags[k] for k in _HEADER_TAGS if first.tags.get(k)})
+    if others:
+        header["other_series"] = others
+    modality_tag = first.tags.get("Modality", "").upper()
+    modality = modality_tag if modality_tag in ("CT", "MR") else guess_modality(data)
+    return Volume.from_file_array(data, RAS_FROM_LPS @ lps, modality=modality, header=header)
+
+
+def _walk_files(folder: Path):  # -> Iterator[Path]
+    count = 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.upper() == "DICOMDIR" or name.startswith("."):
+                continue
+            count += 1
+            if count > MAX_FILES:
+                raise FewLabelError(
+                    f"{folder} holds more than {MAX_FILES} files: choose the folder of one "
+                    "series rather than a whole archive."
+                )
+            yield Path(root) / name
+
+
+def _read_slice_header(path: Path) -> _Slice | None:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # not DICOM (or not an image): skip it, like any viewer would
+
+    def tag(key: str) -> str:
+        t = _TAGS[key]
+        return reader.GetMetaData(t).strip(" \x00") if reader.HasMetaDataKey(t) else ""
+
+    try:
+        position = _floats(tag("position"), 3)
+        orientation = _floats(tag("orientation"), 6)
+        spacing = _floats(tag("pixel_spacing"), 2)
+        rows, columns = int(tag("rows")), int(tag("columns"))
+    except ValueError:
+        return None  # no usable geometry (a report, a secondary capture)
+    row_cos, col_cos = orientation[:3], orientation[3:]
+    if abs(np.linalg.norm(row_cos) - 1) > 0.01 or abs(np.linalg.norm(col_cos) - 1) > 0.01:
+        return None
+    tags = {}
+    for name, key in _HEADER_TAGS.items():
+        if reader.HasMetaDataKey(key):
+            tags[name] = reader.GetMetaData(key).strip(" \x00")
+    return _Slice(
+        path=str(path),
+        series_uid=tag("series_uid"),
+        position=position,
+        row_cosines=row_cos,
+        col_cosines=col_cos,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        rows=rows,
+        columns=columns,
+        tags=tags,
+    )
+
+
+def _floats(text: str, n: int) -> np.ndarray:
+    values = np.array([float(v) for v in text.split("\\") if v.strip()], dtype=np.float64)
+    if values.size != n or not np.all(np.isfinite(values)):
+        raise ValueError(text)
+    return values
+
+
+def _uniform_step(positions: np.ndarray, folder: Path) -> float:
+    if positions.size < 2:
+        raise FewLabelError(
+            f"The series in {folder} has a single slice: a 3D series of at least two "
+            "slices is needed."
+        )
+    steps = np.diff(positions)
+    if np.any(steps < 1e-3):
+        raise FewLabelError(
+            f"Several images of the series in {folder} share one slice position (several "
+            "echoes, phases or time points?): export one 3D volume per folder."
+        )
+    median = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - median) > _SPACING_TOLERANCE * median)
+    if bad.size:
+        i = int(bad[0])
+        raise FewLabelError(
+            f"The slices in {folder} are not evenly spaced: {steps[i]:.2f} mm between "
+            f"slices {i} and {i + 1} where the others are {median:.2f} mm apart. Slices are "
+            "missing: export the complete series."
+        )
+    return float(steps.mean())
+
+
+def _read_pixels(files: list[str], folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise FewLabelError(
+            f"Could not decode the DICOM pixel data in {folder} "
+            f"({str(exc).strip().splitlines()[-1][:200]}): the files may be truncated or "
+            "use an unsupported compression; export the series uncompressed."
+        ) from exc
+
+
+def _describe_others(groups: list[list[_Slice]]) -> list[str]:
+    """One line per other series ("#4 Scout (3 images)"), localizer planes merged."""
+    counts: dict[str, int] = {}
+    for group in groups:
+        tags = group[0].tags
+        label = tags.get("SeriesDescription") or tags.get("SeriesInstanceUID") or "unnamed"
+        number = tags.get("SeriesNumber")
+        name = f"#{number} {label}" if number else label
+        counts[name] = counts.get(name, 0) + len(group)
+    return [f"{name} ({n} image{'s' if n > 1 else ''})" for name, n in counts.items()]

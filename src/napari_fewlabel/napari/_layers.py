@@ -1,0 +1,107 @@
+"""Between `Volume` and napari layers: one place for scale, translate and metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io import METADATA_KEY, Volume
+
+#: Soft-tissue window (W400/L40) for CT; MR uses its 0.5-99.5 percentiles.
+CT_WINDOW = (-160.0, 240.0)
+
+
+def geometry_kwargs(volume: Volume) -> dict[str, Any]:
+    """``scale``, ``translate`` and ``metadata`` that place a layer on ``volume``."""
+    return {
+        "scale": volume.napari_scale(),
+        "translate": volume.napari_translate(),
+        "metadata": {METADATA_KEY: volume.to_metadata()},
+        "axis_labels": ("S", "P", "L"),
+        "units": "mm",
+    }
+
+
+def image_layer_data(volume: Volume, name: str) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A napari LayerDataTuple for a scan."""
+    kwargs = geometry_kwargs(volume)
+    kwargs.update(name=name, colormap="gray", contrast_limits=display_window(volume))
+    return (volume.array, kwargs, "image")
+
+
+def labels_layer_data(
+    labels: np.ndarray, like: Volume, name: str, colors: Mapping[int, Any] | None = None
+) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A napari LayerDataTuple for a mask drawn on ``like``."""
+    kwargs = geometry_kwargs(like.with_array(labels))
+    kwargs["name"] = name
+    if colors:
+        kwargs["colormap"] = _label_colormap(colors)
+    return (labels, kwargs, "labels")
+
+
+def display_window(volume: Volume) -> tuple[float, float]:
+    if volume.modality == "CT":
+        return CT_WINDOW
+    sample = volume.array[:: max(1, volume.shape[0] // 32)]
+    lo, hi = (float(v) for v in np.percentile(sample, (0.5, 99.5)))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def volume_from_layer(data: np.ndarray, meta: Mapping[str, Any], *, what: str = "layer") -> Volume:
+    """The scan geometry a layer carries (from our reader or widget).
+
+    A layer without our metadata (e.g. napari's own "New labels layer" on an
+    image that another reader opened) falls back to its ``scale``/``translate``
+    read as axis-aligned LPS millimetres -- what our reader sets -- as long as
+    it is not rotated, sheared or affine-transformed.
+    """
+    metadata = meta.get("metadata") or {}
+    if METADATA_KEY in metadata:
+        return Volume.from_metadata(np.asarray(data), metadata)
+    for key in ("rotate", "shear"):
+        value = meta.get(key)
+        if value is not None and not np.allclose(
+            np.asarray(value, dtype=float), _identity_like(key, value)
+        ):
+            raise FewLabelError(
+                f"This {what} is {key}d and carries no scan geometry: create it with the "
+                "FewLabel widget's 'New annotation layer' on an image opened by this plugin."
+            )
+    affine = meta.get("affine")
+    if affine is not None and not np.allclose(
+        np.asarray(affine, dtype=float), np.eye(np.asarray(affine).shape[0])
+    ):
+        raise FewLabelError(
+            f"This {what} has an affine transform and carries no scan geometry: create it "
+            "with the FewLabel widget's 'New annotation layer' on an image opened by this plugin."
+        )
+    array = np.asarray(data)
+    if array.ndim != 3:
+        raise FewLabelError(f"A 3D {what} is needed, this one has shape {array.shape}.")
+    scale = tuple(float(s) for s in meta.get("scale", (1.0, 1.0, 1.0)))
+    translate = tuple(float(t) for t in meta.get("translate", (0.0, 0.0, 0.0)))
+    return Volume.from_array(
+        array,
+        (scale[0], scale[1], scale[2]),
+        origin_lps_mm=(translate[2], translate[1], translate[0]),
+        header={"format": "napari layer (no source file geometry)"},
+    )
+
+
+def _identity_like(key: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value, dtype=float)
+    if key == "rotate":
+        return np.eye(arr.shape[0]) if arr.ndim == 2 else np.zeros_like(arr)
+    return np.zeros_like(arr)
+
+
+def _label_colormap(colors: Mapping[int, Any]) -> Any:
+    from napari.utils.colormaps import DirectLabelColormap
+
+    mapping: dict[int | None, Any] = {0: "transparent", None: "magenta"}
+    mapping.update({int(k): v for k, v in colors.items()})
+    return DirectLabelColormap(color_dict=mapping)
