@@ -44,8 +44,8 @@ def write_ct_series(
     first_position: np.ndarray,
     pixel_spacing: tuple[float, float],
     slice_step_mm: float,
-    row_cosines: np.ndarray = np.array([1.0, 0.0, 0.0]),
-    col_cosines: np.ndarray = np.array([0.0, 1.0, 0.0]),
+    row_cosines: tuple[float, float, float] = (1.0, 0.0, 0.0),
+    col_cosines: tuple[float, float, float] = (0.0, 1.0, 0.0),
     series_uid: str | None = None,
     series_number: int = 2,
     description: str = "Chest CT",
@@ -59,6 +59,7 @@ def write_ct_series(
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+    row_cosines, col_cosines = np.asarray(row_cosines, float), np.asarray(col_cosines, float)
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
     study_uid = generate_uid(entropy_srcs=["fewlabel-study"])

@@ -71,7 +71,7 @@ def test_2d_image(tmp_path):
 
 
 def test_4d_image(tmp_path):
-    with pytest.raises(FewLabelError, match="4D.*Extract one 3D volume"):
+    with pytest.raises(FewLabelError, match=r"4D.*Extract one 3D volume"):
         load_volume(_nifti(tmp_path, np.zeros((10, 10, 10, 3), np.int16)))
 
 

@@ -90,7 +90,7 @@ def test_ct5n_is_sorted_by_position_not_instance_number():
 
 def test_missing_slices_are_refused():
     folder = real_data.pydicom_tests() / "dicomdirtests/77654033/CT2"
-    with pytest.raises(FewLabelError, match="not evenly spaced.*missing"):
+    with pytest.raises(FewLabelError, match=r"not evenly spaced.*missing"):
         load_volume(folder)
 
 
