@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.itk import file_array
-from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume, guess_modality
+from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume, guess_modality, parse_modality
 
 # A study folder can hold thousands of files; read headers of at most this many.
 MAX_FILES = 20_000
@@ -143,8 +143,7 @@ def read_dicom_series(folder: Path) -> Volume:
     header.update({k: first.tags[k] for k in _HEADER_TAGS if first.tags.get(k)})
     if others:
         header["other_series"] = others
-    modality_tag = first.tags.get("Modality", "").upper()
-    modality = modality_tag if modality_tag in ("CT", "MR") else guess_modality(data)
+    modality = parse_modality(first.tags.get("Modality")) or guess_modality(data)
     return Volume.from_file_array(data, RAS_FROM_LPS @ lps, modality=modality, header=header)
 
 

@@ -13,7 +13,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume, guess_modality
+from napari_fewlabel.io.volume import (
+    RAS_FROM_LPS,
+    Modality,
+    Volume,
+    guess_modality,
+    parse_modality,
+)
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -88,10 +94,8 @@ def read_itk(path: Path) -> Volume:
     )
 
 
-def _modality_from_metadata(reader: sitk.ImageFileReader) -> str | None:
+def _modality_from_metadata(reader: sitk.ImageFileReader) -> Modality | None:
     for key in reader.GetMetaDataKeys():
         if key.lower() in ("modality", "0008|0060"):
-            value = reader.GetMetaData(key).strip().upper()
-            if value in ("CT", "MR"):
-                return value
+            return parse_modality(reader.GetMetaData(key))
     return None

@@ -364,6 +364,16 @@ def _triple(values: Any) -> tuple[float, float, float]:
     return (v[0], v[1], v[2])
 
 
+def parse_modality(text: str | None) -> Modality | None:
+    """ "CT" or "MR" from a header value (DICOM Modality, NRRD key), else None."""
+    value = (text or "").strip().upper()
+    if value == "CT":
+        return "CT"
+    if value in ("MR", "MRI"):
+        return "MR"
+    return None
+
+
 def guess_modality(array: np.ndarray) -> Modality:
     """Guess CT vs MR from intensities when the header does not say.
 
@@ -373,6 +383,8 @@ def guess_modality(array: np.ndarray) -> Modality:
     """
     if array.size == 0:
         return "unknown"
-    sample = np.asarray(array).ravel()[:: max(1, array.size // 1_000_000)]
+    # A strided subsample (about 256k voxels): ravel() of a reoriented view would copy it all.
+    step = max(1, int(np.ceil((array.size / 262_144) ** (1 / 3))))
+    sample = np.asarray(array)[::step, ::step, ::step].ravel()
     air = np.count_nonzero((sample >= -1100) & (sample <= -900)) / sample.size
     return "CT" if air >= 0.005 and float(np.percentile(sample, 99.9)) <= 4000 else "MR"
