@@ -1,0 +1,254 @@
+"""Run a job (a generator of events) off the GUI thread and relay its events.
+
+Two runners with one interface, so the widget does not care which is used:
+
+* :class:`ProcessRunner` (default) runs the job in a child process started with
+  ``spawn``. Training never competes with the GUI for the GIL, a crash in the
+  job (or the CUDA driver) cannot take napari down, and all GPU memory is
+  returned when the job ends. Events come back through a queue that a QTimer
+  drains on the GUI thread.
+* :class:`ThreadRunner` runs it in a thread of this process: no start-up cost,
+  but Python code between torch calls holds the GIL.
+
+``docs/benchmarks.md`` ("GUI responsiveness") has the measurement behind the
+default. A job is any importable function ``target(*args, cancel=flag)``
+returning an iterator of picklable events; the runner passes a flag with
+``is_set()`` and sets it on :meth:`stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from qtpy.QtCore import QObject, QTimer, Signal
+
+from napari_fewlabel.errors import FewLabelError
+
+#: How often the GUI thread drains the event queue (ms).
+POLL_MS = 30
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job raised: ``user_error`` is True for a FewLabelError (message says what to do)."""
+
+    message: str
+    user_error: bool
+
+
+class _End:
+    """Sentinel: the job's generator is exhausted."""
+
+
+def _drive(target: Callable[..., Iterator[Any]], args: tuple, cancel: Any, put: Callable) -> None:
+    try:
+        for event in target(*args, cancel=cancel):
+            put(event)
+    except FewLabelError as exc:
+        put(JobFailed(str(exc), user_error=True))
+    except BaseException as exc:  # report anything, then let the worker end
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        put(JobFailed(f"{detail}\n\n{traceback.format_exc()}", user_error=False))
+    finally:
+        put(_End())
+
+
+def _child_main(
+    target: Callable[..., Iterator[Any]], args: tuple, events: Any, cancel: Any
+) -> None:
+    _drive(target, args, cancel, events.put)
+
+
+class _Runner(QObject):
+    """Common part: a QTimer on the GUI thread drains events and emits them."""
+
+    # (QObject.event is Qt's event handler: the signals must not shadow it.)
+    #: any event the job yields (Progress, Notice, Done, or a job-specific result)
+    job_event = Signal(object)
+    #: the job raised; a :class:`JobFailed`
+    job_failed = Signal(object)
+    #: the job is over (after its last ``job_event`` or ``job_failed``)
+    job_finished = Signal()
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(self._drain)
+        self._running = False
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    def start(self, target: Callable[..., Iterator[Any]], *args: Any) -> None:
+        if self._running:
+            raise FewLabelError("A job is already running: stop it before starting another.")
+        self._launch(target, args)
+        self._running = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Ask the job to stop at its next check (between training steps)."""
+        self._cancel_flag().set()
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop and wait; used when the viewer closes. Forces the end after ``timeout_s``."""
+        if not self._running:
+            return
+        self.stop()
+        self._join(timeout_s)
+        self._drain()
+        self._finish()
+
+    # -- to implement
+    def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
+        raise NotImplementedError
+
+    def _cancel_flag(self) -> Any:
+        raise NotImplementedError
+
+    def _get_nowait(self) -> Any:
+        raise NotImplementedError
+
+    def _alive(self) -> bool:
+        raise NotImplementedError
+
+    def _join(self, timeout_s: float) -> None:
+        raise NotImplementedError
+
+    def _exit_code(self) -> int | None:
+        return None
+
+    def _close(self) -> None:
+        """Release the event channel once everything has been drained."""
+
+    # -- common
+    def _drain(self) -> None:
+        while self._running:
+            try:
+                item = self._get_nowait()
+            except queue.Empty:
+                if not self._alive():
+                    # Gone without its end marker: killed (out of memory?) or crashed.
+                    try:  # the marker may have landed between the two checks
+                        item = self._get_nowait()
+                    except queue.Empty:
+                        code = self._exit_code()
+                        self.job_failed.emit(
+                            JobFailed(
+                                "The training process stopped unexpectedly"
+                                f"{f' (exit code {code})' if code is not None else ''}. "
+                                "It may have run out of memory: try fewer steps, a smaller "
+                                "batch, or close other programs.",
+                                user_error=True,
+                            )
+                        )
+                        self._finish()
+                        return
+                else:
+                    return
+            if isinstance(item, _End):
+                self._finish()
+                return
+            if isinstance(item, JobFailed):
+                self.job_failed.emit(item)
+            else:
+                self.job_event.emit(item)
+
+    def _finish(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        self._timer.stop()
+        self._join(1.0)
+        self._close()
+        self.job_finished.emit()
+
+
+class ProcessRunner(_Runner):
+    """Runs the job in a spawned child process (see module docstring)."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._ctx = mp.get_context("spawn")
+        self._process: Any = None
+        self._events: Any = None
+        self._cancel: Any = self._ctx.Event()
+
+    def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
+        self._events = self._ctx.Queue()
+        self._cancel = self._ctx.Event()
+        self._process = self._ctx.Process(
+            target=_child_main,
+            args=(target, args, self._events, self._cancel),
+            name="fewlabel-job",
+            daemon=True,
+        )
+        self._process.start()
+
+    def _cancel_flag(self) -> Any:
+        return self._cancel
+
+    def _get_nowait(self) -> Any:
+        return self._events.get_nowait()
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def _exit_code(self) -> int | None:
+        return None if self._process is None else self._process.exitcode
+
+    def _join(self, timeout_s: float) -> None:
+        if self._process is None:
+            return
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(2.0)
+
+    def _close(self) -> None:
+        if self._events is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._events.close()
+
+
+class ThreadRunner(_Runner):
+    """Runs the job in a background thread of this process."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._thread: threading.Thread | None = None
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._cancel = threading.Event()
+
+    def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
+        self._events = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(
+            target=_drive,
+            args=(target, args, self._cancel, self._events.put),
+            name="fewlabel-job",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _cancel_flag(self) -> Any:
+        return self._cancel
+
+    def _get_nowait(self) -> Any:
+        return self._events.get_nowait()
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _join(self, timeout_s: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
