@@ -60,10 +60,24 @@ def _drive(target: Callable[..., Iterator[Any]], args: tuple, cancel: Any, put: 
         put(_End())
 
 
-def _child_main(
-    target: Callable[..., Iterator[Any]], args: tuple, events: Any, cancel: Any
-) -> None:
+def _child_main(jobs: Any, events: Any, cancel: Any) -> None:
+    # The job arrives through a queue rather than as Process arguments: spawn writes
+    # its arguments into a pipe that the child only drains while unpickling them
+    # (importing torch on the way), which would block the GUI thread for seconds.
+    target, args = jobs.get()
     _drive(target, args, cancel, events.put)
+
+
+def _crash_message(exit_code: int | None) -> str:
+    text = "The training process stopped unexpectedly"
+    if exit_code is not None and exit_code < 0:
+        return (
+            f"{text} (killed by signal {-exit_code}). It may have run out of memory: "
+            "try fewer steps or a smaller batch, or close other programs."
+        )
+    if exit_code is not None:
+        text += f" (exit code {exit_code})"
+    return f"{text}. Start it again; if it keeps failing, run the same job with `fewlabel finetune` to see the error."
 
 
 class _Runner(QObject):
@@ -141,16 +155,7 @@ class _Runner(QObject):
                     try:  # the marker may have landed between the two checks
                         item = self._get_nowait()
                     except queue.Empty:
-                        code = self._exit_code()
-                        self.job_failed.emit(
-                            JobFailed(
-                                "The training process stopped unexpectedly"
-                                f"{f' (exit code {code})' if code is not None else ''}. "
-                                "It may have run out of memory: try fewer steps, a smaller "
-                                "batch, or close other programs.",
-                                user_error=True,
-                            )
-                        )
+                        self.job_failed.emit(JobFailed(_crash_message(self._exit_code()), True))
                         self._finish()
                         return
                 else:
@@ -168,7 +173,9 @@ class _Runner(QObject):
             return
         self._running = False
         self._timer.stop()
-        self._join(1.0)
+        # No blocking join here: a child that has sent its end marker may still take a
+        # second to tear torch down, and the GUI thread must not wait for that.
+        self._join(0.0)
         self._close()
         self.job_finished.emit()
 
@@ -181,18 +188,22 @@ class ProcessRunner(_Runner):
         self._ctx = mp.get_context("spawn")
         self._process: Any = None
         self._events: Any = None
+        self._jobs: Any = None
         self._cancel: Any = self._ctx.Event()
 
     def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
         self._events = self._ctx.Queue()
+        # Kept referenced until the job ends: the child rebuilds its semaphores on start-up.
+        self._jobs = self._ctx.Queue()
         self._cancel = self._ctx.Event()
         self._process = self._ctx.Process(
             target=_child_main,
-            args=(target, args, self._events, self._cancel),
+            args=(self._jobs, self._events, self._cancel),
             name="fewlabel-job",
             daemon=True,
         )
         self._process.start()
+        self._jobs.put((target, args))  # a feeder thread writes it; the GUI thread returns at once
 
     def _cancel_flag(self) -> Any:
         return self._cancel
@@ -210,14 +221,15 @@ class ProcessRunner(_Runner):
         if self._process is None:
             return
         self._process.join(timeout_s)
-        if self._process.is_alive():
+        if self._process.is_alive() and timeout_s > 0:
             self._process.terminate()
             self._process.join(2.0)
 
     def _close(self) -> None:
-        if self._events is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._events.close()
+        for channel in (self._events, self._jobs):
+            if channel is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    channel.close()
 
 
 class ThreadRunner(_Runner):
