@@ -77,3 +77,7 @@ def mni152(kind: str = "t1") -> Path:
     base = _package_dir("nilearn")
     name = f"datasets/data/mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz"
     return require(base and base / name, f"MNI152 {kind} (pip install nilearn)")
+
+
+def invesalius_head_ct() -> Path:
+    return require(INVESALIUS, "InVesalius Cranium.inv3 head CT")

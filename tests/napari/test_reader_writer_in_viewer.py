@@ -54,6 +54,7 @@ SOURCES = {
     "nrrd": lambda tmp, dcm: real_data.lung1_image(),
     "mha": lambda tmp, dcm: _mha_copy(tmp),
     "dicom folder": lambda tmp, dcm: dcm.folder,
+    "inv3": lambda tmp, dcm: real_data.invesalius_head_ct(),
 }
 
 
@@ -71,7 +72,7 @@ def test_open_each_file_type(make_napari_viewer, tmp_path, lung1_dicom, kind):
     assert np.allclose(layer.scale, expected.spacing_mm)
     assert np.allclose(layer.translate, expected.napari_translate())
     assert np.allclose(layer.metadata[METADATA_KEY]["affine"], expected.affine)
-    if kind == "nrrd" or kind == "dicom folder":
+    if kind in ("nrrd", "dicom folder", "inv3"):
         assert tuple(layer.contrast_limits) == (-160.0, 240.0)  # CT soft-tissue window
 
 

@@ -6,15 +6,16 @@ from pathlib import Path
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.dicom import read_dicom_series
+from napari_fewlabel.io.invesalius import INVESALIUS_SUFFIX, is_invesalius_path, read_invesalius
 from napari_fewlabel.io.itk import ITK_SUFFIXES, is_itk_path, read_itk
 from napari_fewlabel.io.nifti import NIFTI_SUFFIXES, is_nifti_path, read_nifti
 from napari_fewlabel.io.volume import Volume
 
-SUPPORTED = (*NIFTI_SUFFIXES, *ITK_SUFFIXES, ".dcm", "a DICOM folder")
+SUPPORTED = (*NIFTI_SUFFIXES, *ITK_SUFFIXES, INVESALIUS_SUFFIX, ".dcm", "a DICOM folder")
 
 
 def load_volume(path: str | Path) -> Volume:
-    """Read a 3D scan: NIfTI, NRRD, MetaImage, or a DICOM series folder.
+    """Read a 3D scan: NIfTI, NRRD, MetaImage, InVesalius, or a DICOM series folder.
 
     A single ``.dcm`` file opens the series it belongs to (its folder).
 
@@ -41,6 +42,8 @@ def load_volume(path: str | Path) -> Volume:
         return read_nifti(path)
     if is_itk_path(path):
         return read_itk(path)
+    if is_invesalius_path(path):
+        return read_invesalius(path)
     if path.suffix.lower() == ".dcm":
         return read_dicom_series(path.parent)
     raise FewLabelError(f"{path.name}: unsupported file type. Open one of {', '.join(SUPPORTED)}.")

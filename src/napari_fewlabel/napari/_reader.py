@@ -1,4 +1,4 @@
-"""npe2 reader: NIfTI, NRRD, MetaImage and DICOM series -> an Image layer.
+"""npe2 reader: NIfTI, NRRD, MetaImage, InVesalius and DICOM series -> an Image layer.
 
 Display orientation (see ``io/volume.py``): axis 0 inferior->superior, axis 1
 anterior->posterior, axis 2 right->left, so axial slices appear in the
@@ -16,6 +16,7 @@ from typing import Any
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import load_volume
 from napari_fewlabel.io.dicom import folder_has_dicom, looks_like_dicom
+from napari_fewlabel.io.invesalius import is_invesalius_path
 from napari_fewlabel.io.itk import is_itk_path
 from napari_fewlabel.io.nifti import is_nifti_path
 from napari_fewlabel.napari._layers import image_layer_data
@@ -32,7 +33,9 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], LayerData] 
     p = Path(path)
     if p.is_dir():
         return read_scan if folder_has_dicom(p) else None
-    if is_nifti_path(p) or is_itk_path(p) or (p.suffix.lower() == ".dcm" and looks_like_dicom(p)):
+    if is_nifti_path(p) or is_itk_path(p) or is_invesalius_path(p):
+        return read_scan
+    if p.suffix.lower() == ".dcm" and looks_like_dicom(p):
         return read_scan
     return None
 
@@ -54,7 +57,7 @@ def read_scan(path: str | list[str]) -> LayerData:
             f"({volume.header.get('files', '?')} images). Also found: " + "; ".join(others)
         )
     name = target.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".inv3", ".dcm"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
