@@ -1,0 +1,80 @@
+"""Whole jobs as one event stream: fine-tune then predict, or predict with a model.
+
+The napari widget runs these in a child process and the headless demo runs
+them inline; both consume the same events (``train.events`` plus
+:class:`SegmentationReady`). Nothing here imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_fewlabel.data.classes import SegmentationClass
+from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.io import Volume
+from napari_fewlabel.models.checkpoint import load_checkpoint
+from napari_fewlabel.models.registry import resolve_model
+from napari_fewlabel.train import finetune
+from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationReady:
+    """The whole-volume prediction.
+
+    Attributes
+    ----------
+    labels : ndarray, shape (z, y, x)
+        Class indices in the scan's display geometry.
+    classes : tuple of SegmentationClass
+        Names and colours, from the model card.
+    checkpoint : Path
+        The model that produced it.
+    """
+
+    labels: np.ndarray
+    classes: tuple[SegmentationClass, ...]
+    checkpoint: Path
+
+
+def finetune_and_predict(
+    job: finetune.FinetuneJob, *, cancel: CancelFlag | None = None
+) -> Iterator[Event | SegmentationReady]:
+    """Fine-tune on ``job`` and predict ``job.image`` with the result.
+
+    A cancelled run still predicts with the weights it saved (that is what
+    Stop promises: keep what was learnt so far). Cancelling again during the
+    prediction is the runner's business (it ends the process).
+    """
+    done: Done | None = None
+    for event in finetune.run(job, cancel=cancel):
+        yield event
+        if isinstance(event, Done):
+            done = event
+    if done is None or done.checkpoint is None:
+        return
+    yield Notice("Predicting the whole volume...")
+    yield from _predict(done.checkpoint, job.image, job.device)
+
+
+def predict_with_model(
+    model: str | Path, image: Volume, device: str = "auto", *, cancel: CancelFlag | None = None
+) -> Iterator[Event | SegmentationReady]:
+    """Predict ``image`` with a saved model (registry name or path)."""
+    yield from _predict(resolve_model(model), image, device)
+
+
+def _predict(checkpoint: Path, image: Volume, device: str) -> Iterator[Event | SegmentationReady]:
+    model = load_checkpoint(checkpoint)
+    if model.card.modality not in ("unknown", image.modality) and image.modality != "unknown":
+        yield Notice(
+            f"The model was trained on {model.card.modality} but this scan is "
+            f"{image.modality}; expect poor results (adapt it to {image.modality} first).",
+            level="warning",
+        )
+    labels = predict_volume(model, image, device=device)
+    yield SegmentationReady(labels=labels, classes=model.card.classes, checkpoint=Path(checkpoint))

@@ -1,0 +1,663 @@
+"""The "Fine-tune and segment" dock widget, laid out in the order of work.
+
+1. Scan: which image layer, CT or MR (detected by the reader, overridable).
+2. Annotation: which labels layer (or a new one with the scan's geometry and
+   the chosen classes), the class preset, and a live count of labelled slices.
+3. Model, device (the one in use is always shown) and training budget.
+4. Start / Stop, progress with ETA, a live plot of the losses and validation Dice.
+5. Results: the "<image> prediction" layer, Save model..., Export mask...,
+   and Predict with model for an existing checkpoint.
+
+The work runs in a child process (``_runner.ProcessRunner``) so napari stays
+responsive; everything it reports arrives as events from the engine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_fewlabel.data.classes import SegmentationClass, default_classes
+from napari_fewlabel.data.presets import CLASS_PRESETS, CUSTOM
+from napari_fewlabel.data.slices import AXIS_NAMES, infer_slice_axis, labelled_slices
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
+from napari_fewlabel.io.atomic import atomic_path
+from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict, predict_with_model
+from napari_fewlabel.napari._layers import labels_layer_data, volume_from_layer
+from napari_fewlabel.napari._plot import LinePlot
+from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
+from napari_fewlabel.train.events import Done, Notice, Progress
+
+if TYPE_CHECKING:
+    import napari
+
+#: layer.metadata key holding the classes of an annotation layer made here.
+CLASSES_KEY = "fewlabel_classes"
+FROM_FILE = "From file..."
+RANDOM_START = "none (random initialisation)"
+DEFAULT_STEPS = 300
+
+
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
+
+
+class FinetuneWidget(QWidget):
+    """Label a few slices, press Start, get the whole volume segmented."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.runner = ProcessRunner(self)
+        self.runner.job_event.connect(self._on_event)
+        self.runner.job_failed.connect(self._on_failed)
+        self.runner.job_finished.connect(self._on_finished)
+        self._checkpoint: Path | None = None
+        self._prediction_layer: Labels | None = None
+        self._job_image: Image | None = None
+        self._job_kind = ""
+        self._workdir = Path(tempfile.mkdtemp(prefix="fewlabel-"))
+        self._count_timer = QTimer(self)
+        self._count_timer.setSingleShot(True)
+        self._count_timer.setInterval(250)
+        self._count_timer.timeout.connect(self._update_slice_count)
+        self._watched_labels: Labels | None = None
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._build_scan_box())
+        layout.addWidget(self._build_annotation_box())
+        layout.addWidget(self._build_model_box())
+        layout.addWidget(self._build_run_box())
+        layout.addWidget(self._build_results_box())
+        layout.addStretch(1)
+
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.layers.events.reordered.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._watch_viewer_close()
+
+    # ------------------------------------------------------------ layout
+    def _build_scan_box(self) -> QGroupBox:
+        box = QGroupBox("1. Scan")
+        form = QFormLayout(box)
+        self.image_combo = QComboBox()
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.modality_combo = QComboBox()
+        self.modality_combo.addItems(["CT", "MR"])
+        self.modality_hint = QLabel("")
+        self.modality_hint.setStyleSheet("color: gray")
+        form.addRow("Image", self.image_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.modality_combo)
+        row.addWidget(self.modality_hint, 1)
+        form.addRow("Modality", row)
+        return box
+
+    def _build_annotation_box(self) -> QGroupBox:
+        box = QGroupBox("2. Annotation")
+        form = QFormLayout(box)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems([*CLASS_PRESETS, CUSTOM])
+        self.preset_combo.currentTextChanged.connect(self._on_preset_changed)
+        self.custom_names = QLineEdit()
+        self.custom_names.setPlaceholderText("class names, comma-separated (e.g. liver, tumour)")
+        self.custom_names.setVisible(False)
+        self.labels_combo = QComboBox()
+        self.labels_combo.currentIndexChanged.connect(self._on_labels_changed)
+        self.new_labels_button = QPushButton("New annotation layer")
+        self.new_labels_button.clicked.connect(self.new_annotation_layer)
+        self.slice_count = QLabel("no labelled slice yet")
+        self.slice_count.setWordWrap(True)
+        form.addRow("Classes", self.preset_combo)
+        form.addRow("", self.custom_names)
+        form.addRow("Labels", self.labels_combo)
+        form.addRow("", self.new_labels_button)
+        form.addRow("Labelled", self.slice_count)
+        return box
+
+    def _build_model_box(self) -> QGroupBox:
+        from napari_fewlabel.models.registry import list_models
+
+        box = QGroupBox("3. Model and device")
+        form = QFormLayout(box)
+        self.model_combo = QComboBox()
+        for entry in list_models():
+            self.model_combo.addItem(entry.name, str(entry.path))
+        self.model_combo.addItem(RANDOM_START, None)
+        self.model_combo.addItem(FROM_FILE, FROM_FILE)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(_available_devices())
+        self.device_combo.currentTextChanged.connect(self._show_device)
+        self.device_label = QLabel("")
+        self.device_label.setWordWrap(True)
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(10, 100_000)
+        self.steps_spin.setValue(DEFAULT_STEPS)
+        self.minutes_spin = QSpinBox()
+        self.minutes_spin.setRange(0, 24 * 60)
+        self.minutes_spin.setSpecialValueText("no limit")
+        self.minutes_spin.setSuffix(" min")
+        form.addRow("Start from", self.model_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("In use", self.device_label)
+        budget = QHBoxLayout()
+        budget.addWidget(QLabel("steps"))
+        budget.addWidget(self.steps_spin)
+        budget.addWidget(QLabel("or at most"))
+        budget.addWidget(self.minutes_spin)
+        form.addRow("Budget", budget)
+        self._show_device(self.device_combo.currentText())
+        return box
+
+    def _build_run_box(self) -> QGroupBox:
+        box = QGroupBox("4. Fine-tune")
+        layout = QVBoxLayout(box)
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self._on_start_stop)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m steps")
+        self.status = QLabel("Paint a few slices, then press Start.")
+        self.status.setWordWrap(True)
+        self.plot = LinePlot(unit_range=("val Dice",))
+        layout.addWidget(self.start_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plot)
+        return box
+
+    def _build_results_box(self) -> QGroupBox:
+        box = QGroupBox("5. Results")
+        layout = QHBoxLayout(box)
+        self.save_model_button = QPushButton("Save model...")
+        self.save_model_button.clicked.connect(self._ask_save_model)
+        self.export_button = QPushButton("Export mask to NIfTI...")
+        self.export_button.clicked.connect(self._ask_export_mask)
+        self.predict_button = QPushButton("Predict with model")
+        self.predict_button.clicked.connect(self.predict_with_selected_model)
+        for button in (self.save_model_button, self.export_button):
+            button.setEnabled(False)
+        layout.addWidget(self.predict_button)
+        layout.addWidget(self.save_model_button)
+        layout.addWidget(self.export_button)
+        return box
+
+    # ------------------------------------------------------------ layers
+    def _refresh_layers(self, event: Any = None) -> None:
+        for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)]
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+        if event is not None and getattr(event, "type", "") == "inserted":
+            layer = event.value
+            if isinstance(layer, Labels) and layer is not self._prediction_layer:
+                self.labels_combo.setCurrentText(layer.name)
+        self._on_image_changed()
+        self._on_labels_changed()
+
+    def selected_image(self) -> Image | None:
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def selected_labels(self) -> Labels | None:
+        name = self.labels_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _on_image_changed(self, *_: Any) -> None:
+        image = self.selected_image()
+        if image is None:
+            self.modality_hint.setText("open a scan (File > Open, or File > Open Sample)")
+            return
+        meta = image.metadata.get(METADATA_KEY, {})
+        detected = meta.get("modality", "unknown")
+        if detected in ("CT", "MR"):
+            self.modality_combo.setCurrentText(detected)
+            self.modality_hint.setText(f"detected {detected}")
+        else:
+            self.modality_hint.setText("not detected: choose")
+
+    def _on_labels_changed(self, *_: Any) -> None:
+        labels = self.selected_labels()
+        if self._watched_labels is not None and self._watched_labels is not labels:
+            for signal in (self._watched_labels.events.paint, self._watched_labels.events.data):
+                signal.disconnect(self._schedule_count)
+        if labels is not None and labels is not self._watched_labels:
+            labels.events.paint.connect(self._schedule_count)
+            labels.events.data.connect(self._schedule_count)
+            classes = labels.metadata.get(CLASSES_KEY)
+            if classes:
+                self._show_classes_of_layer(classes)
+        self._watched_labels = labels
+        self._update_slice_count()
+
+    def _show_classes_of_layer(self, classes: list[dict[str, Any]]) -> None:
+        names = [c["name"] for c in classes]
+        for preset, preset_classes in CLASS_PRESETS.items():
+            if [c.name for c in preset_classes] == names:
+                self.preset_combo.setCurrentText(preset)
+                return
+        self.preset_combo.setCurrentText(CUSTOM)
+        self.custom_names.setText(", ".join(names[1:]))
+
+    def _schedule_count(self, *_: Any) -> None:
+        self._count_timer.start()  # debounced: painting emits many events
+
+    def _update_slice_count(self) -> None:
+        labels = self.selected_labels()
+        if labels is None:
+            self.slice_count.setText("no annotation layer: press 'New annotation layer'")
+            return
+        data = np.asarray(labels.data)
+        if data.ndim != 3 or not data.any():
+            self.slice_count.setText("no labelled slice yet: paint any structure on a slice")
+            return
+        axis = infer_slice_axis(data).axis
+        slices = labelled_slices(data, axis)
+        classes = self.current_classes(max_label=int(data.max()))
+        per_class = []
+        for cls in classes[1:]:
+            n = labelled_slices(data == cls.index, axis).size
+            per_class.append(f"{cls.name}: {n}")
+        shown = ", ".join(str(s) for s in slices[:12]) + (" ..." if slices.size > 12 else "")
+        self.slice_count.setText(
+            f"{slices.size} {AXIS_NAMES[axis]} slice(s) ({shown}); " + "; ".join(per_class)
+        )
+
+    def _on_preset_changed(self, name: str) -> None:
+        self.custom_names.setVisible(name == CUSTOM)
+
+    def current_classes(self, max_label: int = 0) -> tuple[SegmentationClass, ...]:
+        """The classes chosen in the widget (grown to ``max_label`` if the user painted more)."""
+        preset = self.preset_combo.currentText()
+        if preset == CUSTOM:
+            names = [n.strip() for n in self.custom_names.text().split(",") if n.strip()]
+            base = default_classes(max(len(names) + 1, max_label + 1, 2))
+            return tuple(
+                SegmentationClass(c.index, names[c.index - 1], c.color)
+                if 0 < c.index <= len(names)
+                else c
+                for c in base
+            )
+        classes = CLASS_PRESETS[preset]
+        if max_label >= len(classes):
+            extra = default_classes(max_label + 1)[len(classes) :]
+            classes = classes + extra
+        return classes
+
+    def new_annotation_layer(self) -> Labels | None:
+        """A Labels layer with the scan's geometry and the chosen classes' colours."""
+        image = self.selected_image()
+        if image is None:
+            show_error("Open a scan first (File > Open, or File > Open Sample), then add labels.")
+            return None
+        try:
+            volume = self._image_volume(image)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return None
+        classes = self.current_classes()
+        data, kwargs, _ = labels_layer_data(
+            np.zeros(volume.shape, np.uint8),
+            volume,
+            f"{image.name} annotation",
+            colors={c.index: np.array(c.color) / 255 for c in classes[1:]},
+        )
+        kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in classes]
+        layer = self.viewer.add_labels(data, **kwargs)
+        layer.selected_label = 1
+        layer.mode = "paint"
+        layer.brush_size = 10
+        self.labels_combo.setCurrentText(layer.name)
+        self.viewer.layers.selection.active = layer
+        show_info(
+            "Paint a few slices (any nonzero value marks the whole slice as labelled; "
+            "unpainted voxels there are background), then press Start."
+        )
+        return layer
+
+    # ------------------------------------------------------------ model & device
+    def _on_model_activated(self, index: int) -> None:
+        if self.model_combo.itemData(index) != FROM_FILE:
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a model", "", "Models (*.safetensors)")
+        if path:
+            self.add_model_file(Path(path))
+
+    def add_model_file(self, path: Path) -> None:
+        """Put a checkpoint file in the model list and select it."""
+        self.model_combo.insertItem(0, path.name, str(path))
+        self.model_combo.setCurrentIndex(0)
+
+    def _selected_model(self) -> str | None:
+        data = self.model_combo.currentData()
+        return None if data in (None, FROM_FILE) else str(data)
+
+    def _show_device(self, choice: str) -> None:
+        from napari_fewlabel.train.device import describe_device, resolve_device
+
+        try:
+            device = resolve_device(choice)
+        except FewLabelError as exc:
+            self.device_label.setText(str(exc))
+            return
+        text = describe_device(device)
+        if device.type == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info(device)
+            text += f"; {free / 2**30:.1f} of {total / 2**30:.0f} GB free"
+        self.device_label.setText(text)
+
+    # ------------------------------------------------------------ run
+    def _on_start_stop(self) -> None:
+        if self.runner.is_running:
+            self.stop()
+        else:
+            self.start()
+
+    def _image_volume(self, image: Image) -> Volume:
+        volume = volume_from_layer(np.asarray(image.data), _layer_meta(image), what="image layer")
+        modality = self.modality_combo.currentText()
+        return volume.with_array(volume.array, modality=modality)  # type: ignore[arg-type]
+
+    def start(self) -> bool:
+        """Validate the inputs and start fine-tuning; False (with a notification) if refused."""
+        if self.runner.is_running:
+            show_warning("A job is already running: press Stop first.")
+            return False
+        try:
+            job = self._build_job()
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        self._start_job("finetune", finetune_and_predict, job)
+        self.status.setText("Starting (the first step takes a few seconds)...")
+        self.progress.setRange(0, job.steps)
+        self.progress.setValue(0)
+        return True
+
+    def _build_job(self) -> Any:
+        from napari_fewlabel.train.finetune import FinetuneJob
+
+        image = self.selected_image()
+        if image is None:
+            raise FewLabelError("Choose a scan in '1. Scan' (open one with File > Open).")
+        labels = self.selected_labels()
+        if labels is None:
+            raise FewLabelError(
+                "Choose an annotation layer in '2. Annotation', or press 'New annotation layer' "
+                "and paint a few slices."
+            )
+        volume = self._image_volume(image)
+        data = np.asarray(labels.data)
+        if data.shape != volume.shape:
+            raise FewLabelError(
+                f"The annotation layer has shape {data.shape} but the scan has {volume.shape}: "
+                "use 'New annotation layer' so the labels match the scan voxel for voxel."
+            )
+        if not data.any():
+            raise FewLabelError(
+                "No labelled slice: paint at least one slice of the annotation layer "
+                "(two or more, spread over the volume, give better results)."
+            )
+        minutes = self.minutes_spin.value()
+        self._job_image = image
+        return FinetuneJob(
+            image=volume,
+            labels=data.astype(np.int64, copy=False) if data.dtype.kind == "i" else data,
+            out=self._workdir / f"model-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
+            classes=self.current_classes(max_label=int(data.max())),
+            model=self._selected_model(),
+            steps=self.steps_spin.value(),
+            time_budget_s=60.0 * minutes if minutes else None,
+            device=self.device_combo.currentText(),
+        )
+
+    def predict_with_selected_model(self) -> bool:
+        """Segment the selected scan with the selected model (no training)."""
+        if self.runner.is_running:
+            show_warning("A job is already running: wait for it or press Stop.")
+            return False
+        image = self.selected_image()
+        model = self._model_to_predict_with()
+        if image is None or model is None:
+            show_error(
+                "Choose a scan and a model ('Start from', or 'From file...') to predict with."
+            )
+            return False
+        try:
+            volume = self._image_volume(image)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        self._job_image = image
+        self._start_job("predict", predict_with_model, model, volume, self.device_combo.currentText())
+        self.status.setText(f"Predicting with {Path(model).name}...")
+        self.progress.setRange(0, 0)  # busy indicator
+        return True
+
+    def _model_to_predict_with(self) -> str | None:
+        """The model chosen in 'Start from', else the one fine-tuned in this session."""
+        selected = self._selected_model()
+        if selected is not None:
+            return selected
+        return None if self._checkpoint is None else str(self._checkpoint)
+
+    def _start_job(self, kind: str, target: Any, *args: Any) -> None:
+        self._job_kind = kind
+        self.plot.clear()
+        self.runner.start(target, *args)
+        self.start_button.setText("Stop")
+        self.predict_button.setEnabled(False)
+
+    def stop(self) -> None:
+        """Stop training (kept: the weights so far, then a prediction with them)."""
+        if not self.runner.is_running:
+            return
+        if self.start_button.text() == "Cancel prediction":
+            self.runner.shutdown(timeout_s=0.5)
+            self.status.setText("Prediction cancelled.")
+            return
+        self.runner.stop()
+        self.start_button.setText("Cancel prediction")
+        self.status.setText("Stopping after the current step...")
+
+    # ------------------------------------------------------------ events
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, Progress):
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.step)
+            parts = [f"step {event.step}/{event.total}", _format_eta(event.eta_s)]
+            if event.val_dice is not None:
+                parts.append(f"validation Dice {event.val_dice:.3f}")
+                self.plot.add_point("val Dice", event.step, event.val_dice)
+            for name, value in event.losses.items():
+                self.plot.add_point(name, event.step, value)
+            self.status.setText(" · ".join(p for p in parts if p))
+            memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
+            self.device_label.setText(f"{event.device}{memory}")
+        elif isinstance(event, Notice):
+            (show_warning if event.level == "warning" else show_info)(event.message)
+            self.status.setText(event.message)
+        elif isinstance(event, Done):
+            self._checkpoint = event.checkpoint
+            self.save_model_button.setEnabled(event.checkpoint is not None)
+            self.start_button.setText("Cancel prediction")
+            what = "Stopped" if event.cancelled else "Fine-tuning done"
+            dice = event.summary.get("val_dice")
+            self.status.setText(
+                f"{what}{f' (validation Dice {dice:.3f})' if isinstance(dice, float) else ''}; "
+                "predicting the whole volume..."
+            )
+            self.progress.setRange(0, 0)
+        elif isinstance(event, SegmentationReady):
+            self._show_prediction(event)
+
+    def _show_prediction(self, event: SegmentationReady) -> None:
+        image = self._job_image
+        if image is None or image not in self.viewer.layers:
+            show_warning("The scan was closed before its prediction arrived; nothing to show.")
+            return
+        volume = self._image_volume(image)
+        colors = {c.index: np.array(c.color) / 255 for c in event.classes[1:]}
+        name = f"{image.name} prediction"
+        existing = self.viewer.layers[name] if name in self.viewer.layers else None
+        if isinstance(existing, Labels) and existing.data.shape == event.labels.shape:
+            # napari's undoable edit path: Ctrl+Z brings the previous prediction back.
+            changed = np.nonzero(np.asarray(existing.data) != event.labels)
+            existing.data_setitem(changed, event.labels[changed])
+            layer = existing
+        else:
+            data, kwargs, _ = labels_layer_data(event.labels, volume, name, colors=colors)
+            kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in event.classes]
+            kwargs["opacity"] = 0.5
+            layer = self.viewer.add_labels(data, **kwargs)
+        self._prediction_layer = layer
+        self._checkpoint = event.checkpoint
+        self.export_button.setEnabled(True)
+        self.save_model_button.setEnabled(True)
+        counts = np.bincount(event.labels.ravel(), minlength=len(event.classes))
+        voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+        summary = ", ".join(
+            f"{c.name} {counts[c.index] * voxel_ml:.1f} mL" for c in event.classes[1:]
+        )
+        self.status.setText(f"Prediction ready: {summary}.")
+
+    def _on_failed(self, failure: JobFailed) -> None:
+        if failure.user_error:
+            show_error(failure.message)
+        else:
+            show_error(
+                "The job failed unexpectedly: "
+                + failure.message.splitlines()[0]
+                + " (details in the terminal)."
+            )
+            print(failure.message)  # the traceback, for a bug report
+        self.status.setText(failure.message.splitlines()[0])
+
+    def _on_finished(self) -> None:
+        self.start_button.setText("Start")
+        self.predict_button.setEnabled(True)
+        self.progress.setRange(0, max(self.progress.maximum(), 1))
+
+    # ------------------------------------------------------------ results
+    def _ask_save_model(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save model", "model.safetensors", "Models (*.safetensors)"
+        )
+        if path:
+            self.save_model(Path(path))
+
+    def save_model(self, path: Path) -> Path | None:
+        """Copy the last checkpoint to ``path`` (atomically)."""
+        if self._checkpoint is None or not self._checkpoint.exists():
+            show_error("No model yet: fine-tune first (Start), then save.")
+            return None
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors")
+        try:
+            with atomic_path(path) as tmp:
+                shutil.copyfile(self._checkpoint, tmp)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return None
+        show_info(f"Model saved to {path}")
+        return path
+
+    def _ask_export_mask(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export mask", "mask.nii.gz", "NIfTI (*.nii.gz *.nii)"
+        )
+        if path:
+            self.export_mask(Path(path))
+
+    def export_mask(self, path: Path) -> Path | None:
+        """Write the prediction layer as NIfTI on the scan's own voxel grid."""
+        layer = self._prediction_layer
+        if layer is None or layer not in self.viewer.layers:
+            show_error("No prediction to export yet: press Start (or Predict with model) first.")
+            return None
+        try:
+            like = volume_from_layer(np.asarray(layer.data), _layer_meta(layer), what="prediction")
+            written = save_labels(np.asarray(layer.data), like=like, path=path)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return None
+        show_info(f"Mask saved to {written}")
+        return written
+
+    # ------------------------------------------------------------ lifetime
+    def _watch_viewer_close(self) -> None:
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            window.destroyed.connect(self._shutdown)
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self._shutdown)
+
+    def _shutdown(self, *_: Any) -> None:
+        self.runner.shutdown(timeout_s=3.0)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def closeEvent(self, event: Any) -> None:
+        self._shutdown()
+        super().closeEvent(event)
+
+
+def _layer_meta(layer: Any) -> dict[str, Any]:
+    return {
+        "metadata": layer.metadata,
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+        "rotate": np.asarray(layer.rotate),
+        "shear": np.asarray(layer.shear),
+        "affine": np.asarray(layer.affine.affine_matrix),
+    }
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    backend = getattr(torch.backends, "mps", None)
+    if backend is not None and backend.is_available():
+        devices.append("mps")
+    return devices
+
