@@ -1,16 +1,28 @@
-"""`fewlabel`: the command line over the headless library.
+"""The ``fewlabel`` command.
 
-Every subcommand is a ``_cmd_<name>(args) -> int`` function registered in
-:func:`build_parser`. A :class:`FewLabelError` (bad input the user can fix)
-prints its sentence on stderr and exits with code 2.
+Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
+
+* ``fewlabel info SCAN`` -- shape, spacing, orientation, intensity range, modality.
+* ``fewlabel finetune IMAGE LABELS --out model.safetensors`` -- fine-tune on a
+  few labelled slices, with a progress bar.
+* ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
+* ``fewlabel evaluate PRED TRUTH`` -- Dice, HD95 and ASD per class (table + JSON).
+
+A :class:`~napari_fewlabel.errors.FewLabelError` prints its message on stderr
+and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 from nibabel.orientations import aff2axcodes
@@ -18,12 +30,25 @@ from nibabel.orientations import aff2axcodes
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
 
+from napari_fewlabel.io import load_volume, save_labels
+
 EXIT_USER_ERROR = 2
 
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    from napari_fewlabel.io import load_volume
+# ---------------------------------------------------------------------- info
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="shape, spacing, orientation, intensity range and modality of a scan",
+        description="Print what napari-fewlabel reads from a scan: NIfTI, NRRD, MetaImage, "
+        "InVesalius, or a DICOM series folder.",
+    )
+    p.add_argument("path", help="a scan file or a DICOM series folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_info)
 
+
+def _cmd_info(args: argparse.Namespace) -> int:
     volume = load_volume(args.path)
     data = volume.array
     finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
@@ -53,37 +78,301 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ finetune
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on a few labelled slices",
+        description="Fine-tune a two-stream U-Net on the labelled slices of LABELS "
+        "(slices with any nonzero voxel; 0 there is background) and the unlabelled rest "
+        "of IMAGE.",
+    )
+    p.add_argument(
+        "image", type=Path, help="the scan (NIfTI, NRRD, MetaImage, InVesalius or a DICOM folder)"
+    )
+    p.add_argument("labels", type=Path, help="label map on the same grid (NIfTI)")
+    p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
+    p.add_argument("--model", help="start from this model (name or path); default: random init")
+    p.add_argument("--steps", type=int, help="training steps (default: %(default)s)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: inferred)")
+    p.add_argument("--classes", help="comma-separated class names, background first")
+    p.add_argument("--extra-unlabelled", type=Path, nargs="*", default=[], metavar="IMAGE")
+    p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an earlier run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-input-side", type=int, default=256)
+    p.add_argument(
+        "--method",
+        choices=("default", "paper", "supervised"),
+        default="default",
+        help="default: measured best; paper: IDEAL as published; supervised: labels only",
+    )
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from napari_fewlabel.data.classes import named_classes
+    from napari_fewlabel.train.events import Done, Notice, Progress
+    from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, FinetuneSettings, run
+
+    settings = {
+        "default": FinetuneSettings(),
+        "paper": FinetuneSettings.paper(),
+        "supervised": FinetuneSettings.supervised(),
+    }[args.method]
+    image = load_volume(args.image)
+    labels = load_volume(args.labels)
+    extra = tuple(load_volume(p) for p in args.extra_unlabelled)
+    classes = None
+    if args.classes:
+        classes = named_classes([n.strip() for n in args.classes.split(",")])
+    job = FinetuneJob(
+        image=image,
+        labels=labels,
+        out=args.out,
+        classes=classes,
+        model=args.model,
+        resume_from=args.resume,
+        axis=args.axis,
+        steps=args.steps or DEFAULT_STEPS,
+        time_budget_s=args.time_budget,
+        device=args.device,
+        seed=args.seed,
+        settings=settings,
+        max_input_side=args.max_input_side,
+        extra_unlabelled=extra,
+    )
+    bar = _ProgressBar(sys.stderr)
+    for event in run(job):
+        if isinstance(event, Progress):
+            bar.update(event)
+        elif isinstance(event, Notice):
+            bar.message(("warning: " if event.level == "warning" else "") + event.message)
+        elif isinstance(event, Done):
+            bar.finish()
+            s = event.summary
+            val = s.get("val_dice")
+            print(
+                f"Wrote {event.checkpoint} after {s['steps_done']} steps in "
+                f"{s['train_seconds']:.0f} s"
+                + (f"; validation Dice {val:.3f}" if val is not None else "")
+                + "."
+            )
+    return 0
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal; a line every 10 % otherwise (logs)."""
+
+    def __init__(self, stream: TextIO, width: int = 28) -> None:
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+        self.last_decile = -1
+        self.open_line = False
+
+    def update(self, event: Any) -> None:
+        frac = event.step / max(1, event.total)
+        filled = round(self.width * frac)
+        parts = [
+            f"[{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}",
+            f"loss {event.losses.get('total', float('nan')):.3f}",
+        ]
+        if event.val_dice is not None:
+            parts.append(f"val Dice {event.val_dice:.3f}")
+        if event.eta_s is not None:
+            parts.append(f"ETA {_duration(event.eta_s)}")
+        parts.append(event.device)
+        line = "  ".join(parts)
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.open_line = True
+        elif int(10 * frac) > self.last_decile:
+            self.last_decile = int(10 * frac)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.open_line:
+            self.stream.write("\n")
+            self.open_line = False
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ------------------------------------------------------------------- predict
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment a whole volume with a model")
+    p.add_argument("model", help="model name or .safetensors path")
+    p.add_argument(
+        "image", type=Path, help="the scan (NIfTI, NRRD, MetaImage, InVesalius or a DICOM folder)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="mask to write (.nii.gz)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    flips = p.add_mutually_exclusive_group()
+    flips.add_argument("--flips", dest="flips", action="store_true", default=None,
+                       help="average over flipped copies (test-time augmentation)")  # fmt: skip
+    flips.add_argument("--no-flips", dest="flips", action="store_false")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from napari_fewlabel.infer.predict import predict_volume
+    from napari_fewlabel.models.checkpoint import load_checkpoint
+    from napari_fewlabel.models.registry import resolve_model
+
+    model = load_checkpoint(resolve_model(args.model))
+    image = load_volume(args.image)
+    start = time.perf_counter()
+    labels = predict_volume(
+        model,
+        image,
+        axis=args.axis,
+        batch_size=args.batch_size,
+        device=args.device,
+        test_time_flips=args.flips,
+    )
+    save_labels(labels, like=image, path=args.out)
+    counts = np.bincount(labels.ravel(), minlength=len(model.card.classes))
+    found = ", ".join(
+        f"{c.name} {int(counts[c.index])}" for c in model.card.classes[1:] if counts[c.index]
+    )
+    print(
+        f"Wrote {args.out} ({image.shape[0]}x{image.shape[1]}x{image.shape[2]} voxels, "
+        f"{time.perf_counter() - start:.1f} s). Voxels per class: {found or 'none'}."
+    )
+    return 0
+
+
+# ------------------------------------------------------------------ evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice, HD95 and ASD per class of a mask against truth")
+    p.add_argument("pred", type=Path, help="predicted label map (NIfTI)")
+    p.add_argument("truth", type=Path, help="ground-truth label map on the same grid (NIfTI)")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--classes", help="comma-separated class names, background first")
+    names.add_argument("--model", help="take class names from this model's card")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from napari_fewlabel.infer.metrics import class_metrics
+    from napari_fewlabel.models.checkpoint import read_card
+    from napari_fewlabel.models.registry import resolve_model
+
+    pred = load_volume(args.pred)
+    truth = load_volume(args.truth)
+    if pred.shape != truth.shape or not np.allclose(pred.affine, truth.affine, atol=1e-2):
+        raise FewLabelError(
+            f"{args.pred.name} and {args.truth.name} are not on the same grid (shapes "
+            f"{pred.shape} vs {truth.shape} or different voxel-to-world transforms): "
+            "compare masks of the same scan."
+        )
+    names: list[str] | None = None
+    if args.classes:
+        names = [n.strip() for n in args.classes.split(",")]
+    elif args.model:
+        names = list(read_card(resolve_model(args.model)).class_names)
+    results = class_metrics(
+        _as_labels(pred.array, args.pred.name),
+        _as_labels(truth.array, args.truth.name),
+        pred.spacing_mm,
+        class_names=names,
+    )
+    rows = [
+        f"{'class':<24} {'Dice':>7} {'HD95 mm':>9} {'ASD mm':>8} {'pred vox':>10} {'true vox':>10}"
+    ]
+    for r in results:
+        rows.append(
+            f"{f'{r.index} {r.name}':<24} {r.dice:>7.3f} {_fmt(r.hd95_mm):>9} "
+            f"{_fmt(r.asd_mm):>8} {r.voxels_pred:>10} {r.voxels_truth:>10}"
+        )
+    mean_dice = float(np.mean([r.dice for r in results])) if results else float("nan")
+    rows.append(f"{'mean':<24} {mean_dice:>7.3f}")
+    print("\n".join(rows))
+    if args.json:
+        report = {
+            "pred": str(args.pred),
+            "truth": str(args.truth),
+            "spacing_mm": list(pred.spacing_mm),
+            "mean_dice": _json_number(mean_dice),
+            "classes": [
+                {
+                    "index": r.index,
+                    "name": r.name,
+                    "dice": _json_number(r.dice),
+                    "hd95_mm": _json_number(r.hd95_mm),
+                    "asd_mm": _json_number(r.asd_mm),
+                    "voxels_pred": r.voxels_pred,
+                    "voxels_truth": r.voxels_truth,
+                }
+                for r in results
+            ],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _as_labels(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype.kind == "f":
+        if np.any(array != np.round(array)):
+            raise FewLabelError(f"{name} holds non-integer values: give a label map.")
+        return array.astype(np.int64)
+    return array
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+def _json_number(value: float) -> float | None:
+    """NaN (undefined distance) becomes JSON null."""
+    return None if math.isnan(value) else round(float(value), 4)
+
+
+# ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewlabel",
         description="Annotation-efficient MRI/CT segmentation: label a few slices, "
-        "fine-tune a pretrained encoder, predict the whole volume.",
+        "fine-tune, predict the volume.",
     )
     parser.add_argument("--version", action="version", version=f"napari-fewlabel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "info",
-        help="shape, spacing, orientation, intensity range and modality of a scan",
-        description="Print what napari-fewlabel reads from a scan: NIfTI, NRRD, MetaImage, "
-        "or a DICOM series folder.",
-    )
-    p.add_argument("path", help="a scan file or a DICOM series folder")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_info)
+    _add_info(sub)
+    _add_finetune(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fewlabel`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return int(args.func(args))
-    except FewLabelError as exc:
-        print(f"fewlabel: error: {exc}", file=sys.stderr)
+    except FewLabelError as e:
+        print(f"fewlabel: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("fewlabel: interrupted", file=sys.stderr)
+        print("fewlabel: interrupted; the last checkpoint written is complete.", file=sys.stderr)
         return 130
 
 

@@ -65,7 +65,9 @@ def _format_eta(seconds: float | None) -> str:
     if seconds is None:
         return ""
     seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
+    return (
+        f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
+    )
 
 
 class FinetuneWidget(QWidget):
@@ -463,7 +465,9 @@ class FinetuneWidget(QWidget):
             show_error(str(exc))
             return False
         self._job_image = image
-        self._start_job("predict", predict_with_model, model, volume, self.device_combo.currentText())
+        self._start_job(
+            "predict", predict_with_model, model, volume, self.device_combo.currentText()
+        )
         self.status.setText(f"Predicting with {Path(model).name}...")
         self.progress.setRange(0, 0)  # busy indicator
         return True
@@ -660,4 +664,3 @@ def _available_devices() -> list[str]:
     if backend is not None and backend.is_available():
         devices.append("mps")
     return devices
-

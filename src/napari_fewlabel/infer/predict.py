@@ -1,0 +1,134 @@
+"""Whole-volume prediction, slice batch by slice batch, with bounded memory.
+
+The volume is never copied whole: each batch takes its slices (plus the
+adjacent ones for 2.5D input) from the original array, normalises them with
+statistics fitted once per volume, runs the network (mean of the two streams'
+softmax), maps the probabilities back to the slice's own size and writes the
+argmax into the output label array. Peak memory is the input, the output
+labels (1 byte per voxel for up to 256 classes) and one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from napari_fewlabel.data.input_fit import InputFit
+from napari_fewlabel.data.normalization import count_nonfinite, fit_intensity
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.volume import Volume
+from napari_fewlabel.models.checkpoint import SegmentationModel
+from napari_fewlabel.train.device import autocast, precision_for, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+def predict_volume(
+    model: SegmentationModel,
+    volume: Volume,
+    *,
+    axis: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    test_time_flips: bool | None = None,
+) -> np.ndarray:
+    """Segment every slice of ``volume``.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Network and model card (:func:`~napari_fewlabel.models.checkpoint.load_checkpoint`).
+    volume : Volume
+        The scan, ``(z, y, x)``.
+    axis : int, optional
+        Slice axis; default: the axis the model was trained along (its card).
+    batch_size : int
+        Slices per forward pass; halved automatically when a GPU runs out of memory.
+    device : str or torch.device
+        ``"auto"`` picks CUDA, then MPS, then CPU.
+    test_time_flips : bool, optional
+        Also predict left-right and up-down flipped copies and average the
+        probabilities; default: the model card's choice.
+
+    Returns
+    -------
+    ndarray, shape (z, y, x)
+        Labels (``uint8``, or ``uint16`` beyond 256 classes) in the volume's geometry.
+
+    Notes
+    -----
+    NaN/Inf voxels are treated as the lowest intensity (logged as a warning).
+    """
+    card = model.card
+    axis = card.slice_axis if axis is None else axis
+    if axis not in (0, 1, 2):
+        raise FewLabelError(f"Slice axis must be 0, 1 or 2, got {axis}.")
+    if batch_size < 1:
+        raise FewLabelError(f"batch_size must be at least 1, got {batch_size}.")
+    if test_time_flips is None:
+        test_time_flips = bool(card.inference.get("test_time_flips", False))
+    if volume.modality != card.modality and "unknown" not in (volume.modality, card.modality):
+        logger.warning(
+            "The model was trained on %s but the scan is %s: expect poor results unless "
+            "the model was adapted to %s.",
+            card.modality,
+            volume.modality,
+            volume.modality,
+        )
+    array = volume.array
+    bad = count_nonfinite(array)
+    if bad == array.size:
+        raise FewLabelError("Every voxel of the image is NaN or Inf: check the file.")
+    if bad:
+        logger.warning("%d NaN/Inf voxels are treated as the lowest intensity.", bad)
+
+    mapping = fit_intensity(array, card.normalization)
+    num_classes = len(card.classes)
+    out = np.zeros(array.shape, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+    out_moved = np.moveaxis(out, axis, 0)  # a view: writing it fills ``out``
+    n = array.shape[axis]
+    slice_shape = tuple(s for a, s in enumerate(array.shape) if a != axis)
+    fit = InputFit((slice_shape[0], slice_shape[1]), card.input_size)
+    half = model.network.config.in_slices // 2
+    dev = resolve_device(device)
+    precision = precision_for(dev)
+    network = model.network.to(dev).eval()
+
+    start = 0
+    while start < n:
+        stop = min(n, start + batch_size)
+        try:
+            with torch.no_grad():
+                window = np.arange(start - half, stop + half).clip(0, n - 1)
+                block = mapping(np.moveaxis(np.take(array, window, axis=axis), axis, 0))
+                # (slices + 2 * half, h, w) -> windows (B, in_slices, h, w)
+                stacked = torch.from_numpy(block).unfold(0, 2 * half + 1, 1).permute(0, 3, 1, 2)
+                x = fit.images_to_input(stacked.contiguous(), mapping.background).to(dev)
+                with autocast(dev, precision):
+                    proba = _probabilities(network, x, test_time_flips)
+                labels = fit.probabilities_from_input(proba.float()).argmax(dim=1)
+        except torch.cuda.OutOfMemoryError as e:
+            if batch_size == 1:
+                raise FewLabelError(
+                    "Out of GPU memory predicting one slice: close other programs using the "
+                    "GPU or predict on the CPU with --device cpu."
+                ) from e
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            logger.warning("GPU out of memory; predicting %d slices at a time.", batch_size)
+            continue
+        out_moved[start:stop] = labels.cpu().numpy().astype(out.dtype)
+        start = stop
+    return out
+
+
+def _probabilities(network: torch.nn.Module, x: torch.Tensor, flips: bool) -> torch.Tensor:
+    """Mean-of-streams softmax ``(B, K, H, W)``, averaged over flipped copies when asked."""
+    proba = network.predict_proba(x)
+    if not flips:
+        return proba
+    for dims in ((3,), (2,)):
+        proba = proba + network.predict_proba(x.flip(dims)).flip(dims)
+    return proba / 3

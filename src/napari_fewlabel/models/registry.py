@@ -1,0 +1,80 @@
+"""Named models: shipped with the package, installed by the user, or any path.
+
+``resolve_model("cardiac-mr")`` looks for ``cardiac-mr.safetensors`` in the
+user's model folder (:func:`user_model_dir`, e.g.
+``~/.local/share/napari-fewlabel/models`` on Linux) first, so a user can
+replace a shipped model, then in the package's ``models/weights/`` folder.
+Anything that is an existing file path is used as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+
+from napari_fewlabel.errors import FewLabelError
+
+#: Starter weights that ship inside the package.
+SHIPPED_MODEL_DIR = Path(__file__).parent / "weights"
+MODEL_SUFFIX = ".safetensors"
+
+
+def user_model_dir() -> Path:
+    """The folder for the user's own named models (may not exist yet)."""
+    return Path(platformdirs.user_data_dir("napari-fewlabel")) / "models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named model file.
+
+    Attributes
+    ----------
+    name : str
+        File name without ``.safetensors``.
+    path : Path
+    source : {"user", "shipped"}
+    """
+
+    name: str
+    path: Path
+    source: Literal["user", "shipped"]
+
+
+def list_models() -> list[ModelEntry]:
+    """All named models, user folder first, each folder sorted by name."""
+    entries: list[ModelEntry] = []
+    for source, folder in (("user", user_model_dir()), ("shipped", SHIPPED_MODEL_DIR)):
+        if folder.is_dir():
+            for path in sorted(folder.glob(f"*{MODEL_SUFFIX}")):
+                entries.append(ModelEntry(path.name[: -len(MODEL_SUFFIX)], path, source))  # type: ignore[arg-type]
+    return entries
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file for a model name or a path.
+
+    Raises
+    ------
+    FewLabelError
+        When it is neither an existing file nor a known name; the message lists
+        the names there are.
+    """
+    as_path = Path(name_or_path).expanduser()
+    if as_path.is_file():
+        return as_path
+    name = str(name_or_path)
+    if name.endswith(MODEL_SUFFIX):
+        name = name[: -len(MODEL_SUFFIX)]
+    for entry in list_models():
+        if entry.name == name:
+            return entry.path
+    known = ", ".join(sorted({e.name for e in list_models()})) or "none installed yet"
+    raise FewLabelError(
+        f"No model file or named model {str(name_or_path)!r}. Known names: {known}. "
+        f"Give a path to a .safetensors file, or copy one into {user_model_dir()}."
+    )

@@ -1,0 +1,131 @@
+"""Device choice, its human description, mixed precision and memory figures.
+
+``"auto"`` picks CUDA, then Apple's MPS, then the CPU. Mixed precision is used
+on CUDA only (bfloat16 where the GPU has it, else float16 with a gradient
+scaler); MPS and CPU train in float32, where autocast brings little and has
+rough edges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from napari_fewlabel.errors import FewLabelError
+
+try:
+    import resource
+except ImportError:  # Windows has no resource module; memory figures are then None
+    resource = None  # type: ignore[assignment]
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"`` into a usable device.
+
+    Raises
+    ------
+    FewLabelError
+        When the requested accelerator is not available.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise FewLabelError(f"Unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps.") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FewLabelError(
+                "CUDA was requested but this PyTorch sees no CUDA GPU: use --device cpu, "
+                "or install a CUDA build of PyTorch that matches your driver."
+            )
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise FewLabelError(
+                f"GPU {index} does not exist ({torch.cuda.device_count()} found): "
+                f"use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}."
+            )
+        return torch.device("cuda", index)
+    if device.type == "mps" and not _mps_available():
+        raise FewLabelError("MPS was requested but is not available here: use --device cpu.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise FewLabelError(
+            f"Device type {device.type!r} is not supported: use auto, cpu, cuda or mps."
+        )
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def describe_device(device: torch.device) -> str:
+    """A human string: ``"cpu (2 threads)"``, ``"cuda:0 (NVIDIA H100, 80 GB)"``, ``"mps"``."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda:{device.index} ({props.name}, {props.total_memory / 2**30:.0f} GB)"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed-precision setting for a device.
+
+    Attributes
+    ----------
+    dtype : torch.dtype or None
+        Autocast dtype, or None for float32 throughout.
+    needs_grad_scaler : bool
+        True for float16 (gradients underflow without scaling).
+    """
+
+    dtype: torch.dtype | None
+    needs_grad_scaler: bool
+
+    @property
+    def name(self) -> str:
+        return "float32" if self.dtype is None else str(self.dtype).replace("torch.", "")
+
+
+def precision_for(device: torch.device) -> Precision:
+    """bfloat16 autocast on CUDA GPUs that support it, float16 + scaler on older ones, else float32."""
+    if device.type != "cuda":
+        return Precision(None, False)
+    if torch.cuda.is_bf16_supported():
+        return Precision(torch.bfloat16, False)
+    return Precision(torch.float16, True)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: Precision) -> Iterator[None]:
+    """Autocast to ``precision.dtype`` on ``device``, or nothing for float32."""
+    if precision.dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=precision.dtype):
+        yield
+
+
+def memory_mb(device: torch.device) -> float | None:
+    """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps" or resource is None:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

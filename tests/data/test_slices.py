@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_fewlabel.data.slices import infer_slice_axis, labelled_slices, unlabelled_slices
+from napari_fewlabel.errors import FewLabelError
+
+
+def _blob_volume(shape=(20, 30, 40)):
+    """A solid structure filling the middle of the volume, as full ground truth."""
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[3:17, 5:25, 8:32] = 1
+    truth[6:14, 10:20, 12:20] = 2
+    return truth
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_painting_a_few_slices_along_any_axis_is_recognised(axis):
+    truth = _blob_volume()
+    painted = np.zeros_like(truth)
+    picks = {0: [5, 9, 13], 1: [8, 15, 21], 2: [10, 18, 27]}[axis]
+    index = [slice(None)] * 3
+    index[axis] = picks
+    painted[tuple(index)] = truth[tuple(index)]
+    np.testing.assert_array_equal(labelled_slices(painted, axis), picks)
+    assert len(unlabelled_slices(painted, axis)) == truth.shape[axis] - 3
+    choice = infer_slice_axis(painted)
+    assert choice.axis == axis
+    assert "3 groups" in choice.reason
+
+
+def test_one_labelled_slice_gives_its_axis():
+    truth = _blob_volume()
+    painted = np.zeros_like(truth)
+    painted[:, 12] = truth[:, 12]
+    assert infer_slice_axis(painted).axis == 1
+
+
+def test_adjacent_labelled_slices_still_give_the_thin_axis():
+    truth = _blob_volume()
+    painted = np.zeros_like(truth)
+    painted[8:11] = truth[8:11]
+    choice = infer_slice_axis(painted)
+    assert choice.axis == 0
+    assert "fewest" in choice.reason
+
+
+def test_a_slice_of_zeros_is_unlabelled():
+    painted = np.zeros((5, 4, 4), dtype=np.int16)
+    painted[2, 0, 0] = 3
+    np.testing.assert_array_equal(labelled_slices(painted, 0), [2])
+    np.testing.assert_array_equal(unlabelled_slices(painted, 0), [0, 1, 3, 4])
+
+
+def test_no_label_at_all_is_a_user_error():
+    with pytest.raises(FewLabelError, match="Paint at least one slice"):
+        infer_slice_axis(np.zeros((4, 4, 4)))
+
+
+def test_bad_axis_is_a_user_error():
+    with pytest.raises(FewLabelError, match="0, 1 or 2"):
+        labelled_slices(np.zeros((4, 4, 4)), 3)

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from napari_fewlabel.data import normalization
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.infer import predict as predict_module
+from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.io.volume import Volume
+
+
+def _volume(shape=(6, 32, 24), seed=0) -> Volume:
+    rng = np.random.default_rng(seed)
+    return Volume.from_array(rng.gamma(2, 50, size=shape).astype(np.float32), modality="MR")
+
+
+def test_labels_have_the_volume_shape_and_a_small_dtype(model):
+    volume = _volume()
+    labels = predict_volume(model, volume, device="cpu")
+    assert labels.shape == volume.shape
+    assert labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_each_slice_is_the_argmax_of_the_mean_softmax(model):
+    volume = _volume(shape=(5, 32, 32))
+    labels = predict_volume(model, volume, device="cpu")
+    mapping = normalization.fit_intensity(volume.array, model.card.normalization)
+    x = torch.from_numpy(mapping(volume.array[1:4]))[None]  # window around slice 2
+    with torch.no_grad():
+        expected = model.network.predict_proba(x).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(labels[2], expected)
+
+
+def test_batch_size_does_not_change_the_result(model):
+    volume = _volume(shape=(7, 32, 24))
+    one = predict_volume(model, volume, batch_size=1, device="cpu")
+    many = predict_volume(model, volume, batch_size=5, device="cpu")
+    np.testing.assert_array_equal(one, many)
+
+
+def test_other_slice_axis_matches_a_transposed_volume(model_factory):
+    volume = _volume(shape=(20, 6, 24))
+    model = model_factory(slice_axis=1)
+    along_y = predict_volume(model, volume, device="cpu")  # axis from the card
+    transposed = Volume.from_array(volume.array.transpose(1, 0, 2).copy(), modality="MR")
+    along_z = predict_volume(model, transposed, axis=0, device="cpu")
+    np.testing.assert_array_equal(along_y, along_z.transpose(1, 0, 2))
+
+
+def test_slices_larger_than_the_input_are_shrunk_and_mapped_back(model_factory):
+    model = model_factory(input_size=(32, 32))
+    volume = _volume(shape=(3, 90, 70))
+    labels = predict_volume(model, volume, device="cpu")
+    assert labels.shape == (3, 90, 70)
+
+
+def test_flip_tta_defaults_to_the_model_card(model_factory, monkeypatch):
+    seen = []
+    real = predict_module._probabilities
+
+    def spy(network, x, flips):
+        seen.append(flips)
+        return real(network, x, flips)
+
+    monkeypatch.setattr(predict_module, "_probabilities", spy)
+    volume = _volume(shape=(2, 32, 32))
+    predict_volume(model_factory(flips=True), volume, device="cpu")
+    predict_volume(model_factory(flips=True), volume, device="cpu", test_time_flips=False)
+    assert seen == [True, False]
+
+
+def test_flip_tta_averages_three_views(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tta = predict_module._probabilities(model.network, x, True)
+        plain = model.network.predict_proba(x)
+        lr = model.network.predict_proba(x.flip(3)).flip(3)
+        ud = model.network.predict_proba(x.flip(2)).flip(2)
+    torch.testing.assert_close(tta, (plain + lr + ud) / 3)
+
+
+def test_memory_stays_bounded_by_normalising_one_batch_at_a_time(model, monkeypatch):
+    sizes = []
+    real_call = normalization.IntensityMapping.__call__
+
+    def spy(self, values):
+        sizes.append(np.asarray(values).size)
+        return real_call(self, values)
+
+    monkeypatch.setattr(normalization.IntensityMapping, "__call__", spy)
+    volume = _volume(shape=(40, 32, 32))
+    predict_volume(model, volume, batch_size=4, device="cpu")
+    assert max(sizes) == (4 + 2) * 32 * 32  # one batch plus its two neighbouring slices
+
+
+def test_nan_voxels_are_logged_and_predicted(model, caplog):
+    array = _volume().array.copy()
+    array[0, :5, :5] = np.nan
+    with caplog.at_level(logging.WARNING):
+        labels = predict_volume(model, Volume.from_array(array, modality="MR"), device="cpu")
+    assert "25 NaN/Inf voxels" in caplog.text
+    assert labels.shape == array.shape
+
+
+def test_many_classes_give_uint16_labels(model_factory):
+    model = model_factory(num_classes=300, in_slices=1)
+    labels = predict_volume(model, _volume(shape=(2, 32, 32)), device="cpu")
+    assert labels.dtype == np.uint16
+
+
+def test_bad_arguments_are_user_errors(model):
+    with pytest.raises(FewLabelError, match="0, 1 or 2"):
+        predict_volume(model, _volume(), axis=3)
+    with pytest.raises(FewLabelError, match="batch_size"):
+        predict_volume(model, _volume(), batch_size=0)
+    with pytest.raises(FewLabelError, match="NaN or Inf"):
+        predict_volume(model, Volume.from_array(np.full((2, 8, 8), np.nan)), device="cpu")

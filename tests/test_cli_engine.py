@@ -1,0 +1,101 @@
+"""The engine's CLI commands end to end: finetune -> predict -> evaluate."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_fewlabel.cli import main
+from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.io import load_volume, save_labels
+from napari_fewlabel.models.checkpoint import read_card
+from napari_fewlabel.models.unet2d import UNetConfig
+from napari_fewlabel.train import finetune
+
+
+@pytest.fixture(scope="module")
+def scan_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    ph = cardiac_phantom("CT", seed=3, shape=(12, 64, 64), spacing_mm=(4.0, 3.0, 3.0))
+    painted = np.zeros_like(ph.labels.array)
+    painted[[4, 8]] = ph.labels.array[[4, 8]]
+    image = folder / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(ph.image.to_file_grid(ph.image.array), ph.image.grid.affine), image)
+    labels = save_labels(painted, like=ph.image, path=folder / "labels.nii.gz")
+    truth = save_labels(ph.labels.array, like=ph.image, path=folder / "truth.nii.gz")
+    return folder, image, labels, truth
+
+
+def test_finetune_predict_evaluate(scan_files, capsys, monkeypatch):
+    folder, image, labels, truth = scan_files
+    # The CLI builds the default network; keep it small here so the test stays quick.
+    small = UNetConfig(widths=(8, 16, 32), full_res_width=4)
+    monkeypatch.setattr(
+        finetune, "FinetuneJob", functools.partial(finetune.FinetuneJob, architecture=small)
+    )
+    model = folder / "model.safetensors"
+    names = "background,LV,myo,RV,LA,aorta"
+    code = main(
+        ["finetune", str(image), str(labels), "--out", str(model), "--steps", "3",
+         "--device", "cpu", "--classes", names]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Slice axis 0" in captured.err
+    assert "3/3" in captured.err  # the progress bar reached the end
+    assert f"Wrote {model}" in captured.out
+    card = read_card(model)
+    assert card.modality == "CT" and card.normalization.method == "ct_window"
+    assert card.class_names == tuple(names.split(","))
+
+    mask = folder / "mask.nii.gz"
+    assert main(["predict", str(model), str(image), "--out", str(mask), "--device", "cpu"]) == 0
+    predicted = load_volume(mask)
+    scan = load_volume(image)
+    assert predicted.shape == scan.shape
+    np.testing.assert_allclose(predicted.affine, scan.affine)
+    assert nib.load(str(mask)).get_data_dtype() == np.uint8
+
+    report = folder / "report.json"
+    assert (
+        main(["evaluate", str(truth), str(truth), "--json", str(report), "--model", str(model)])
+        == 0
+    )
+    table = capsys.readouterr().out
+    assert "1 LV" in table and "mean" in table
+    figures = json.loads(report.read_text())
+    assert figures["mean_dice"] == 1.0
+    assert [c["name"] for c in figures["classes"]] == names.split(",")[1:]
+    assert all(c["hd95_mm"] == 0.0 for c in figures["classes"])
+
+
+def test_user_errors_exit_with_code_2_and_a_message(scan_files, tmp_path, capsys):
+    _, image, _, truth = scan_files
+    code = main(["predict", str(tmp_path / "nope.safetensors"), str(image), "--out", "m.nii.gz"])
+    assert code == 2
+    assert "fewlabel: error: No model file or named model" in capsys.readouterr().err
+
+    pickled = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(1)}, pickled)
+    assert main(["predict", str(pickled), str(image), "--out", str(tmp_path / "m.nii.gz")]) == 2
+    assert "never unpickles" in capsys.readouterr().err
+
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 12), np.uint8), nib.load(str(truth)).affine), empty)
+    out = tmp_path / "m.safetensors"
+    assert main(["finetune", str(image), str(empty), "--out", str(out), "--device", "cpu"]) == 2
+    assert "No labelled slice" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_evaluate_refuses_masks_of_different_scans(scan_files, tmp_path, capsys):
+    _, _, _, truth = scan_files
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), other)
+    assert main(["evaluate", str(other), str(truth)]) == 2
+    assert "not on the same grid" in capsys.readouterr().err

@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from napari_fewlabel.data.classes import named_classes
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.volume import Volume
+from napari_fewlabel.models.checkpoint import load_checkpoint, load_optimizer_state, read_card
+from napari_fewlabel.train.events import Done, Notice, Progress
+from napari_fewlabel.train.finetune import (
+    BatchSizes,
+    FinetuneSettings,
+    run,
+    step_with_oom_fallback,
+)
+
+
+def _events(job, cancel=None):
+    return list(run(job, cancel))
+
+
+def test_a_run_yields_progress_then_one_done_with_a_complete_checkpoint(make_job, tiny_case):
+    events = _events(make_job(steps=4))
+    assert isinstance(events[-1], Done) and not events[-1].cancelled
+    assert sum(isinstance(e, Done) for e in events) == 1
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4]
+    assert all(p.total == 4 and p.device.startswith("cpu") for p in progress)
+    assert all(math.isfinite(p.losses["total"]) for p in progress)
+    assert any(p.val_dice is not None and 0 <= p.val_dice <= 1 for p in progress)
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert any("Slice axis 0" in m for m in notices)
+
+    done = events[-1]
+    card = load_checkpoint(done.checkpoint).card
+    assert card.class_names == tuple(c.name for c in tiny_case.classes)
+    assert card.slice_axis == 0
+    assert card.training["steps_done"] == 4
+    assert card.training["data"]["labelled_slices"] == list(tiny_case.labelled)
+    assert card.training["data"]["held_out_slices"] == [11]
+    assert card.training["settings"]["confidence_threshold"] == 0.9
+    assert card.training["paper_faithful"] is False
+    assert "2.5D" in " ".join(card.training["differences_from_paper"])
+    assert card.modality == "MR" and card.normalization.method == "percentile_zscore"
+    assert done.summary["steps_done"] == 4
+
+
+def test_paper_settings_are_recorded_as_faithful(make_job):
+    from napari_fewlabel.models.unet2d import UNetConfig
+
+    job = make_job(
+        steps=2,
+        settings=replace(FinetuneSettings.paper(), batch_labelled=2, batch_unlabelled=2),
+        architecture=UNetConfig(in_slices=1, widths=(8, 16, 32), full_res_width=4),
+    )
+    done = _events(job)[-1]
+    training = read_card(done.checkpoint).training
+    assert training["paper_faithful"] is True
+    assert training["differences_from_paper"] == []
+    assert FinetuneSettings.from_dict(training["settings"]) == job.settings
+
+
+def test_labels_above_the_class_count_are_refused(make_job, tiny_case):
+    bad = tiny_case.labels.array.copy()
+    bad[6, 0, 0] = 9
+    with pytest.raises(FewLabelError, match=r"value 9.*only 6 classes"):
+        _events(make_job(labels=bad))
+
+
+def test_no_labelled_slice_is_refused(make_job, tiny_case):
+    with pytest.raises(FewLabelError, match="No labelled slice"):
+        _events(make_job(labels=np.zeros(tiny_case.image.shape, np.uint8)))
+
+
+def test_shape_and_geometry_mismatches_are_refused(make_job, tiny_case):
+    with pytest.raises(FewLabelError, match="differs from the image shape"):
+        _events(make_job(labels=tiny_case.labels.array[:-1]))
+    shifted = Volume.from_array(
+        tiny_case.labels.array, (4.0, 3.0, 3.0), modality="MR", origin_lps_mm=(0.0, 0.0, 10.0)
+    )
+    with pytest.raises(FewLabelError, match="not on the same grid"):
+        _events(make_job(labels=shifted))
+
+
+def test_non_integer_and_negative_labels_are_refused(make_job, tiny_case):
+    fractional = tiny_case.labels.array.astype(np.float32)
+    fractional[6, 0, 0] = 0.5
+    with pytest.raises(FewLabelError, match="non-integer"):
+        _events(make_job(labels=fractional))
+    negative = tiny_case.labels.array.astype(np.int16)
+    negative[6, 0, 0] = -1
+    with pytest.raises(FewLabelError, match="negative"):
+        _events(make_job(labels=negative))
+
+
+def test_nan_voxels_are_reported_and_training_stays_finite(make_job, tiny_case):
+    image = tiny_case.image.array.copy()
+    image[:, :4, :4] = np.nan
+    image[3, 10, 10] = np.inf
+    events = _events(make_job(image=tiny_case.image.with_array(image), steps=2))
+    warnings = [e.message for e in events if isinstance(e, Notice) and e.level == "warning"]
+    assert any("257 image voxels are NaN or Inf" in m for m in warnings)
+    assert all(math.isfinite(e.losses["total"]) for e in events if isinstance(e, Progress))
+
+
+def test_every_slice_labelled_trains_supervised_and_says_so(make_job):
+    rng = np.random.default_rng(0)
+    image = Volume.from_array(rng.normal(size=(6, 32, 32)).astype(np.float32), modality="MR")
+    labels = (image.array > 0).astype(np.uint8)  # every slice has foreground
+    events = _events(make_job(image=image, labels=labels, classes=None, steps=2))
+    assert any("Every slice is labelled" in e.message for e in events if isinstance(e, Notice))
+    card = read_card(events[-1].checkpoint)
+    assert card.training["method"].startswith("two-stream supervised")
+    assert card.class_names == ("background", "class 1")
+    assert all("cps" not in e.losses for e in events if isinstance(e, Progress))
+
+
+def test_cancel_leaves_a_loadable_checkpoint_and_resume_continues_the_count(make_job, tmp_path):
+    cancel = threading.Event()
+    job = make_job(steps=4)
+    seen = []
+    for event in run(job, cancel):
+        seen.append(event)
+        if isinstance(event, Progress) and event.step == 2:
+            cancel.set()
+    done = seen[-1]
+    assert isinstance(done, Done) and done.cancelled
+    assert [e.step for e in seen if isinstance(e, Progress)] == [1, 2]
+    model = load_checkpoint(done.checkpoint)
+    assert model.card.training["steps_done"] == 2
+
+    resumed = make_job(steps=4, resume_from=done.checkpoint, out=tmp_path / "resumed.safetensors")
+    events = _events(resumed)
+    assert any("Resuming" in e.message for e in events if isinstance(e, Notice))
+    assert [e.step for e in events if isinstance(e, Progress)] == [3, 4]
+    final = events[-1]
+    assert final.summary["steps_done"] == 4
+    optimizer = load_optimizer_state(final.checkpoint)
+    assert optimizer is not None
+    assert float(next(iter(optimizer["state"].values()))["step"]) == 4.0  # Adam moments continued
+
+
+def test_time_budget_stops_before_the_step_count(make_job):
+    events = _events(make_job(steps=10_000, time_budget_s=0.01))
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert 1 <= done.summary["steps_done"] < 10_000
+    assert read_card(done.checkpoint).training["steps_done"] == done.summary["steps_done"]
+
+
+def test_start_from_a_model_with_other_classes_reuses_its_encoder(make_job, tiny_case, tmp_path):
+    first = _events(make_job(steps=2))[-1].checkpoint
+    two_class = (tiny_case.labels.array == 2).astype(np.uint8)
+    job = make_job(
+        labels=two_class,
+        classes=named_classes(["background", "myocardium"]),
+        model=first,
+        steps=1,
+        out=tmp_path / "second.safetensors",
+    )
+    events = _events(job)
+    assert any("(encoder)" in e.message for e in events if isinstance(e, Notice))
+    second = load_checkpoint(events[-1].checkpoint)
+    assert len(second.card.classes) == 2
+    assert second.card.training["started_from"].endswith("(encoder)")
+    first_encoder = load_checkpoint(first).network.encoder.state_dict()
+    # One step moved the weights a little from the source encoder, not to a random init.
+    drift = [
+        float((second.network.encoder.state_dict()[k] - v).abs().max())
+        for k, v in first_encoder.items()
+        if v.dtype.is_floating_point
+    ]
+    assert max(drift) < 0.05
+
+
+def test_start_from_a_model_with_the_same_classes_reuses_everything(make_job, tmp_path):
+    first = _events(make_job(steps=2))[-1].checkpoint
+    events = _events(make_job(classes=None, model=first, steps=1, out=tmp_path / "b.safetensors"))
+    assert any("(all weights)" in e.message for e in events if isinstance(e, Notice))
+    assert len(load_checkpoint(events[-1].checkpoint).card.classes) == 6
+
+
+def test_bad_output_path_is_refused_before_training(make_job, tmp_path):
+    with pytest.raises(FewLabelError, match=r"\.safetensors"):
+        _events(make_job(out=tmp_path / "model.pt"))
+    with pytest.raises(FewLabelError, match="does not exist"):
+        _events(make_job(out=tmp_path / "missing" / "model.safetensors"))
+
+
+# ------------------------------------------------------------- out of memory
+def _oom() -> torch.cuda.OutOfMemoryError:
+    return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_halves_the_batch_and_says_so():
+    tried = []
+
+    def step(batch: BatchSizes) -> str:
+        tried.append(batch)
+        if batch.labelled + batch.unlabelled > 3:
+            raise _oom()
+        return "ok"
+
+    result, batch, notices = step_with_oom_fallback(step, BatchSizes(4, 4), advice="x")
+    assert result == "ok"
+    assert tried == [BatchSizes(4, 4), BatchSizes(2, 2), BatchSizes(1, 1)]
+    assert batch == BatchSizes(1, 1)
+    assert len(notices) == 2 and "continuing with 2+2" in notices[0].message
+
+
+def test_out_of_memory_at_batch_one_says_what_to_change():
+    def step(batch: BatchSizes) -> None:
+        raise _oom()
+
+    with pytest.raises(FewLabelError, match=r"even with one labelled.*--max-input-side"):
+        step_with_oom_fallback(step, BatchSizes(2, 1), advice="use a smaller --max-input-side")
+
+
+def test_settings_validation_and_paper_differences():
+    assert FinetuneSettings.paper().differences_from_paper(in_slices=1) == []
+    assert len(FinetuneSettings().differences_from_paper(in_slices=3)) >= 3
+    with pytest.raises(FewLabelError, match="confidence_threshold"):
+        FinetuneSettings(confidence_threshold=1.5)
+    with pytest.raises(FewLabelError, match="Batch sizes"):
+        FinetuneSettings(batch_labelled=0)
