@@ -29,7 +29,6 @@ from nibabel.orientations import aff2axcodes
 
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
-
 from napari_fewlabel.io import load_volume, save_labels
 
 EXIT_USER_ERROR = 2

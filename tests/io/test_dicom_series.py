@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import real_data
-from conftest import write_ct_series
+from dicom_writer import write_ct_series
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import load_volume, save_labels
 from napari_fewlabel.io.volume import RAS_FROM_LPS

@@ -13,8 +13,9 @@ _BACKGROUND = SegmentationClass(0, "background", (0, 0, 0))
 
 
 def _classes(*named: tuple[str, tuple[int, int, int]]) -> tuple[SegmentationClass, ...]:
-    return (_BACKGROUND,) + tuple(
-        SegmentationClass(i, name, color) for i, (name, color) in enumerate(named, start=1)
+    return (
+        _BACKGROUND,
+        *tuple(SegmentationClass(i, name, color) for i, (name, color) in enumerate(named, start=1)),
     )
 
 

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from napari_fewlabel.data.phantoms import PhantomModality, cardiac_phantom
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import load_volume
-from napari_fewlabel.napari._layers import image_layer_data
+from napari_fewlabel.napari._layers import image_layer_data, labels_layer_data
+
+#: The phantom's ground truth is added hidden: it is the answer key, not an annotation.
+TRUTH_SUFFIX = "truth (synthetic)"
+
+
+def _cardiac(modality: PhantomModality) -> list[tuple]:
+    phantom = cardiac_phantom(modality, shape=(64, 160, 160), spacing_mm=(2.0, 1.5, 1.5))
+    name = f"cardiac {modality} phantom"
+    colors = {c.index: [v / 255 for v in c.color] for c in phantom.classes[1:]}
+    truth = labels_layer_data(phantom.labels.array, phantom.image, f"{name} {TRUTH_SUFFIX}", colors)
+    truth[1]["visible"] = False
+    return [image_layer_data(phantom.image, name), truth]
+
+
+def cardiac_mri() -> list[tuple]:
+    """Synthetic short-axis-like cardiac MRI with its labels (deterministic, not a patient)."""
+    return _cardiac("MR")
+
+
+def cardiac_ct() -> list[tuple]:
+    """The same synthetic anatomy with a contrast CT appearance in HU."""
+    return _cardiac("CT")
 
 
 def mni152_path() -> Path:

@@ -64,7 +64,7 @@ DEFAULT_STEPS = 300
 def _format_eta(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return (
         f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
     )
@@ -231,11 +231,11 @@ class FinetuneWidget(QWidget):
 
     def selected_image(self) -> Image | None:
         name = self.image_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers.get(name, None)
 
     def selected_labels(self) -> Labels | None:
         name = self.labels_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers.get(name, None)
 
     def _on_image_changed(self, *_: Any) -> None:
         image = self.selected_image()
@@ -537,7 +537,7 @@ class FinetuneWidget(QWidget):
         volume = self._image_volume(image)
         colors = {c.index: np.array(c.color) / 255 for c in event.classes[1:]}
         name = f"{image.name} prediction"
-        existing = self.viewer.layers[name] if name in self.viewer.layers else None
+        existing = self.viewer.layers.get(name, None)
         if isinstance(existing, Labels) and existing.data.shape == event.labels.shape:
             # napari's undoable edit path: Ctrl+Z brings the previous prediction back.
             changed = np.nonzero(np.asarray(existing.data) != event.labels)

@@ -1,0 +1,241 @@
+"""The "Fine-tune and segment" widget in a real napari viewer (Xvfb), with real training."""
+
+from __future__ import annotations
+
+import pickle
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.infer.metrics import class_metrics
+from napari_fewlabel.io import METADATA_KEY
+from napari_fewlabel.models.checkpoint import load_checkpoint
+from napari_fewlabel.napari._layers import image_layer_data
+from napari_fewlabel.napari._widget import FinetuneWidget
+from napari_fewlabel.train.events import Done, Progress
+
+pytestmark = pytest.mark.gui
+PLUGIN = "napari-fewlabel"
+LABELLED = (7, 16)
+
+
+@pytest.fixture(scope="module")
+def small_phantom():
+    """A smaller copy of the sample phantom so that real training fits in a test."""
+    return cardiac_phantom("MR", seed=0, shape=(24, 96, 96), spacing_mm=(4.0, 2.5, 2.5))
+
+
+@pytest.fixture
+def widget_with_scan(make_napari_viewer, small_phantom):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(small_phantom.image, "phantom")
+    viewer.add_image(data, **kwargs)
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.preset_combo.setCurrentText("Cardiac phantom (sample data)")
+    yield viewer, widget
+    widget.runner.shutdown()
+
+
+def _paint(layer, truth, slices=LABELLED):
+    for z in slices:
+        layer.data[z] = truth[z]
+    layer.events.data()
+
+
+def _notifications(qtbot, action):
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        action()
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    return [n.message for n in seen]
+
+
+def _wait_done(qtbot, widget, timeout_ms=600_000):
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=timeout_ms)
+
+
+def test_full_loop_on_the_phantom(widget_with_scan, small_phantom, qtbot, tmp_path):
+    viewer, widget = widget_with_scan
+    annotation = widget.new_annotation_layer()
+    assert annotation is not None
+    assert np.allclose(annotation.scale, viewer.layers["phantom"].scale)
+    _paint(annotation, small_phantom.labels.array)
+    widget._update_slice_count()
+    assert widget.slice_count.text().startswith("2 z (axial) slice(s) (7, 16)")
+
+    widget.steps_spin.setValue(150)
+    progress = []
+    widget.runner.job_event.connect(lambda e: progress.append(e))
+    assert widget.start()
+    assert widget.start_button.text() == "Stop"
+    _wait_done(qtbot, widget)
+
+    assert any(isinstance(e, Progress) for e in progress)
+    done = [e for e in progress if isinstance(e, Done)]
+    assert len(done) == 1 and not done[0].cancelled
+    prediction = viewer.layers["phantom prediction"]
+    image = viewer.layers["phantom"]
+    assert np.allclose(prediction.scale, image.scale)
+    assert np.allclose(prediction.translate, image.translate)
+    assert np.allclose(
+        prediction.metadata[METADATA_KEY]["affine"], image.metadata[METADATA_KEY]["affine"]
+    )
+    unlabelled = [z for z in range(small_phantom.labels.shape[0]) if z not in LABELLED]
+    pred = np.asarray(prediction.data)
+    results = class_metrics(
+        pred[unlabelled], small_phantom.labels.array[unlabelled], (4.0, 2.5, 2.5)
+    )
+    mean_dice = float(np.mean([r.dice for r in results]))
+    assert mean_dice > 0.85, [(r.name, round(r.dice, 3)) for r in results]
+
+    out = widget.export_mask(tmp_path / "mask.nii.gz")
+    assert out is not None
+    saved = nib.load(out)
+    assert np.allclose(saved.affine, small_phantom.image.grid.affine, atol=1e-4)
+    assert np.array_equal(small_phantom.image.to_file_grid(pred), np.asarray(saved.dataobj))
+
+    model_path = widget.save_model(tmp_path / "phantom-model.safetensors")
+    assert load_checkpoint(model_path).card.class_names[1] == small_phantom.classes[1].name
+    assert widget.start_button.text() == "Start"
+
+
+def test_stop_keeps_the_model_so_far_and_predicts_with_it(widget_with_scan, small_phantom, qtbot):
+    viewer, widget = widget_with_scan
+    _paint(widget.new_annotation_layer(), small_phantom.labels.array)
+    widget.steps_spin.setValue(100_000)
+    events = []
+    widget.runner.job_event.connect(events.append)
+    assert widget.start()
+    qtbot.waitUntil(lambda: any(isinstance(e, Progress) for e in events), timeout=300_000)
+    widget.stop()
+    assert widget.start_button.text() == "Cancel prediction"
+    _wait_done(qtbot, widget)
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].cancelled
+    assert done[0].summary["steps_done"] < 100_000
+    load_checkpoint(done[0].checkpoint)  # complete, loadable
+    assert "phantom prediction" in viewer.layers
+
+
+def test_closing_the_viewer_stops_the_job(make_napari_viewer, small_phantom, qtbot):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(small_phantom.image, "phantom")
+    viewer.add_image(data, **kwargs)
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    _paint(widget.new_annotation_layer(), small_phantom.labels.array)
+    widget.steps_spin.setValue(100_000)
+    events = []
+    widget.runner.job_event.connect(events.append)
+    widget.start()
+    qtbot.waitUntil(lambda: any(isinstance(e, Progress) for e in events), timeout=300_000)
+    process = widget.runner._process
+    widget._shutdown()  # what the window's destroyed / aboutToQuit signals call
+    assert not widget.runner.is_running
+    assert not process.is_alive()
+
+
+def test_error_paths_notify_and_leave_the_widget_usable(
+    widget_with_scan, small_phantom, qtbot, tmp_path
+):
+    viewer, widget = widget_with_scan
+
+    # no annotation layer
+    messages = _notifications(qtbot, widget.start)
+    assert any("New annotation layer" in m for m in messages)
+
+    # no labelled slice
+    annotation = widget.new_annotation_layer()
+    messages = _notifications(qtbot, widget.start)
+    assert any("No labelled slice" in m for m in messages)
+
+    # a labels layer that does not match the scan
+    viewer.add_labels(np.ones((3, 4, 5), np.uint8), name="wrong shape")
+    widget.labels_combo.setCurrentText("wrong shape")
+    messages = _notifications(qtbot, widget.start)
+    assert any("has shape (3, 4, 5)" in m for m in messages)
+
+    # a checkpoint that is really a pickle
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    widget.add_model_file(bad)
+    failures = []
+    widget.runner.job_failed.connect(failures.append)
+    messages = _notifications(
+        qtbot, lambda: (widget.predict_with_selected_model(), _wait_done(qtbot, widget))
+    )
+    assert failures and failures[0].user_error
+    assert any("pickle" in m.lower() for m in messages)
+
+    # no image at all
+    viewer.layers.remove("phantom")
+    messages = _notifications(qtbot, widget.start)
+    assert any("Choose a scan" in m for m in messages)
+
+    # ...and after all that, the widget still works
+    assert widget.start_button.isEnabled() and widget.start_button.text() == "Start"
+    assert not widget.runner.is_running
+    assert annotation in viewer.layers
+
+
+def test_second_start_is_refused_while_running(widget_with_scan, small_phantom, qtbot):
+    _, widget = widget_with_scan
+    _paint(widget.new_annotation_layer(), small_phantom.labels.array)
+    widget.steps_spin.setValue(100_000)
+    assert widget.start()
+    messages = _notifications(qtbot, lambda: widget.start() or widget.predict_with_selected_model())
+    assert any("already running" in m for m in messages)
+    widget.runner.shutdown()
+
+
+def test_predicting_into_the_prediction_layer_is_undoable(
+    widget_with_scan, small_phantom, qtbot, tmp_path
+):
+    from napari_fewlabel.train.finetune import FinetuneJob, run
+
+    viewer, widget = widget_with_scan
+    painted = np.zeros_like(small_phantom.labels.array)
+    painted[list(LABELLED)] = small_phantom.labels.array[list(LABELLED)]
+    models = []
+    for steps, name in ((2, "early"), (20, "later")):
+        job = FinetuneJob(
+            image=small_phantom.image,
+            labels=painted,
+            out=tmp_path / f"{name}.safetensors",
+            classes=small_phantom.classes,
+            steps=steps,
+            device="cpu",
+        )
+        models.append(next(e for e in run(job) if isinstance(e, Done)).checkpoint)
+
+    widget.add_model_file(models[0])
+    assert widget.predict_with_selected_model()
+    _wait_done(qtbot, widget)
+    layer = viewer.layers["phantom prediction"]
+    first = np.array(layer.data, copy=True)
+
+    widget.add_model_file(models[1])
+    assert widget.predict_with_selected_model()
+    _wait_done(qtbot, widget)
+    assert viewer.layers["phantom prediction"] is layer  # updated, not duplicated
+    second = np.array(layer.data, copy=True)
+    assert not np.array_equal(first, second)
+    layer.undo()
+    assert np.array_equal(np.asarray(layer.data), first)
+
+
+def test_sample_data_opens_with_its_truth_hidden(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample(PLUGIN, "cardiac_ct")
+    image, truth = layers
+    assert image.metadata[METADATA_KEY]["modality"] == "CT"
+    assert truth.visible is False
+    assert truth.data.shape == image.data.shape
+    assert set(np.unique(truth.data)) == {0, 1, 2, 3, 4, 5}
