@@ -61,10 +61,10 @@ def headless(steps: int, out_dir: Path) -> float:
 
 
 def in_widget(steps: int, out_dir: Path, runner: str) -> dict[str, float]:
+    import napari
     from qtpy.QtCore import QElapsedTimer, QTimer
     from qtpy.QtWidgets import QApplication
 
-    import napari
     from napari_fewlabel.jobs import finetune_and_predict
     from napari_fewlabel.napari._runner import ThreadRunner
     from napari_fewlabel.napari._widget import FinetuneWidget

@@ -2,6 +2,7 @@
 
 Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 
+* ``fewlabel demo [--headless]`` -- the whole loop on the synthetic cardiac phantom.
 * ``fewlabel info SCAN`` -- shape, spacing, orientation, intensity range, modality.
 * ``fewlabel finetune IMAGE LABELS --out model.safetensors`` -- fine-tune on a
   few labelled slices, with a progress bar.
@@ -74,6 +75,51 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if key == "affine_ras":
             continue
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole loop on the synthetic cardiac MRI with two labelled slices",
+        description="Open napari with the Fine-tune and segment widget and the cardiac MRI "
+        "phantom (two slices already labelled: press Start). With --headless, run the same "
+        "loop without a window and write the scan, annotation, model, prediction and a "
+        "report scored against the phantom's truth into --out.",
+    )
+    p.add_argument("--headless", action="store_true", help="no window: run the loop, write files")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (headless)")
+    p.add_argument("--steps", type=int, help="training steps (default: the engine's default)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--screenshot",
+        type=Path,
+        metavar="PNG",
+        help="(GUI) press Start, wait for the prediction, save a screenshot, quit",
+    )
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if not args.headless:
+        from napari_fewlabel.napari._demo import run_demo
+
+        return run_demo(steps=args.steps, screenshot=args.screenshot)
+    from napari_fewlabel.demo import describe, run_headless
+
+    def show(event: Any) -> None:
+        line = describe(event)
+        if line:
+            print(line, flush=True)
+
+    report = run_headless(args.out, steps=args.steps, device=args.device, on_event=show)
+    print(
+        f"Mean Dice on the {len(report['classes'])} classes over the unlabelled slices: "
+        f"{report['mean_dice_unlabelled_slices']:.3f} ({report['seconds']:.0f} s on "
+        f"{report['device']})."
+    )
+    print(f"Wrote {', '.join(report['outputs'].values())} and report.json to {args.out}/")
     return 0
 
 
@@ -353,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"napari-fewlabel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(sub)
     _add_info(sub)
     _add_finetune(sub)
     _add_predict(sub)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import runner_jobs
 
+import runner_jobs
 from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, ThreadRunner
 from napari_fewlabel.train.events import Done, Progress
 

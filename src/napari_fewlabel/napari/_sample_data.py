@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from napari_fewlabel.data.phantoms import PhantomModality, cardiac_phantom
+from napari_fewlabel.demo import DEMO_SHAPE, DEMO_SPACING_MM
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import load_volume
 from napari_fewlabel.napari._layers import image_layer_data, labels_layer_data
@@ -14,7 +15,7 @@ TRUTH_SUFFIX = "truth (synthetic)"
 
 
 def _cardiac(modality: PhantomModality) -> list[tuple]:
-    phantom = cardiac_phantom(modality, shape=(64, 160, 160), spacing_mm=(2.0, 1.5, 1.5))
+    phantom = cardiac_phantom(modality, shape=DEMO_SHAPE, spacing_mm=DEMO_SPACING_MM)
     name = f"cardiac {modality} phantom"
     colors = {c.index: [v / 255 for v in c.color] for c in phantom.classes[1:]}
     truth = labels_layer_data(phantom.labels.array, phantom.image, f"{name} {TRUTH_SUFFIX}", colors)
