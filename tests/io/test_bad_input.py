@@ -216,3 +216,13 @@ def test_corrupted_bytes_raise_only_fewlabelerror(suffix, seed_files, data):
             assert str(exc)  # a sentence, never an empty message
         else:
             assert volume.array.ndim == 3
+
+
+def test_saved_files_get_ordinary_permissions(scan, tmp_path):
+    import os
+    import stat
+
+    out = save_labels(np.zeros(scan.shape, np.uint8), like=scan, path=tmp_path / "m.nii.gz")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
