@@ -12,6 +12,7 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.emphysema import REGIONS, quantify_emphysema
 from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG, segment_lungs
 from napari_fewlabel.io import Volume
+from segmented_chests import CHEST_NAMES, segmented_chest
 
 
 def _reference_region_masks(labels: np.ndarray) -> dict[str, np.ndarray]:
@@ -39,8 +40,10 @@ def _third_sizes(lung: np.ndarray) -> list[int]:
     return [int(masks[f"{t} third"].sum()) for t in ("lower", "middle", "upper")]
 
 
-def test_scores_equal_plain_numpy_on_the_same_mask(segmented_chest):
-    scan, lungs = segmented_chest.scan, segmented_chest.lungs
+@pytest.mark.parametrize("name", CHEST_NAMES)
+def test_scores_equal_plain_numpy_on_the_same_mask(name):
+    chest = segmented_chest(name)
+    scan, lungs = chest.scan, chest.lungs
     report = quantify_emphysema(scan, lungs)
     hu = scan.array
     voxel_ml = np.prod(scan.spacing_mm) / 1000.0
@@ -59,8 +62,9 @@ def test_scores_equal_plain_numpy_on_the_same_mask(segmented_chest):
     assert thirds + report.region("lower third").voxels == report.region("both lungs").voxels
 
 
-def test_lung1_has_little_emphysema(lung1):
+def test_lung1_has_little_emphysema():
     """The scan is known for a low %LAA-950 (about 3%)."""
+    lung1 = segmented_chest("lung1")
     report = quantify_emphysema(lung1.scan, lung1.lungs)
     assert report.laa_percent is not None
     assert 1.0 <= report.laa_percent <= 5.0

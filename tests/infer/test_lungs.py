@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from chest_phantom import synthetic_chest
 from scipy import ndimage as ndi
 
 import real_data
+from chest_phantom import synthetic_chest
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG, segment_lungs
 from napari_fewlabel.io import Volume, load_volume
+from segmented_chests import CHEST_NAMES, segmented_chest
 
 # ------------------------------------------------------------------ real scans
 
 
-def test_two_lungs_each_on_the_patients_own_side(segmented_chest):
-    labels = segmented_chest.lungs.labels
-    scan = segmented_chest.scan
+@pytest.mark.parametrize("name", CHEST_NAMES)
+def test_two_lungs_each_on_the_patients_own_side(name):
+    chest = segmented_chest(name)
+    labels = chest.lungs.labels
+    scan = chest.scan
     assert labels.dtype == np.uint8
     assert set(np.unique(labels)) == {0, RIGHT_LUNG, LEFT_LUNG}
     centres = {}
@@ -34,7 +37,8 @@ def test_two_lungs_each_on_the_patients_own_side(segmented_chest):
     assert world[RIGHT_LUNG][0] > world[LEFT_LUNG][0] + 100.0
 
 
-def test_lung_volumes_are_plausible(segmented_chest):
+@pytest.mark.parametrize("name", CHEST_NAMES)
+def test_lung_volumes_are_plausible(name):
     """Ranges from physiology, widened for what each scan covers.
 
     Adult lungs at CT inspiration hold about 3-7 L together, the right lung
@@ -42,7 +46,8 @@ def test_lung_volumes_are_plausible(segmented_chest):
     and its lowest slice still shows lung (the bases are cut off), so its total
     can fall below that; lung2 covers 30 cm, apex to the upper abdomen.
     """
-    lungs = segmented_chest.lungs
+    chest = segmented_chest(name)
+    lungs = chest.lungs
     lung_slices = np.nonzero(lungs.lungs.any(axis=(1, 2)))[0]
     height_mm = (lung_slices[-1] - lung_slices[0] + 1) * lungs.spacing_mm[0]
     assert 180.0 <= height_mm <= 300.0
@@ -52,24 +57,28 @@ def test_lung_volumes_are_plausible(segmented_chest):
     assert 1.0 <= right / left <= 1.8
     assert 2000.0 <= lungs.volume_ml() <= 7000.0
     assert lungs.volume_ml() == pytest.approx(right + left)
-    expected = np.count_nonzero(lungs.labels) * np.prod(segmented_chest.scan.spacing_mm) / 1000
+    expected = np.count_nonzero(lungs.labels) * np.prod(chest.scan.spacing_mm) / 1000
     assert lungs.volume_ml() == pytest.approx(expected)
 
 
-def test_no_lung_voxel_touches_the_air_outside_the_patient(segmented_chest):
-    air = segmented_chest.scan.array < -320
+@pytest.mark.parametrize("name", CHEST_NAMES)
+def test_no_lung_voxel_touches_the_air_outside_the_patient(name):
+    chest = segmented_chest(name)
+    air = chest.scan.array < -320
     regions, _ = ndi.label(air)
     edges = [regions[:, 0], regions[:, -1], regions[:, :, 0], regions[:, :, -1]]
     outside = np.isin(regions, np.setdiff1d(np.concatenate([e.ravel() for e in edges]), [0]))
     assert outside.sum() > 0.2 * outside.size  # the test itself found the outside air
-    lungs = segmented_chest.lungs.lungs
+    lungs = chest.lungs.lungs
     assert not (ndi.binary_dilation(outside) & lungs).any()
 
 
-def test_trachea_is_found_and_kept_out_of_the_lungs(segmented_chest):
+@pytest.mark.parametrize("name", CHEST_NAMES)
+def test_trachea_is_found_and_kept_out_of_the_lungs(name):
     """Independently find the trachea in the highest lung slice: the largest pure-air
     region between the lungs, in the middle fifth of the body's width."""
-    scan, lungs = segmented_chest.scan, segmented_chest.lungs
+    chest = segmented_chest(name)
+    scan, lungs = chest.scan, chest.lungs
     top = int(np.nonzero(lungs.lungs.any(axis=(1, 2)))[0][-1])
     body_columns = np.nonzero((scan.array[top] > -320).any(axis=0))[0]
     middle = 0.5 * (body_columns[0] + body_columns[-1])
@@ -87,15 +96,17 @@ def test_trachea_is_found_and_kept_out_of_the_lungs(segmented_chest):
     assert not (lungs.airway & lungs.lungs).any()
 
 
-def test_lung1_nodule_is_inside_the_right_lung(lung1):
+def test_lung1_nodule_is_inside_the_right_lung():
+    lung1 = segmented_chest("lung1")
     nodule = lung1.lesion
     assert nodule.sum() > 500
     assert np.all(lung1.lungs.labels[nodule] == RIGHT_LUNG)
 
 
-def test_lung2_tumour_against_the_chest_wall_is_only_partly_lung(lung2):
+def test_lung2_tumour_against_the_chest_wall_is_only_partly_lung():
     """A documented limit: a 4-5 cm mass against the posterior chest wall is soft
     tissue at the lung's border, so only the part that lung surrounds is filled."""
+    lung2 = segmented_chest("lung2")
     labels_in_tumour = lung2.lungs.labels[lung2.lesion]
     assert set(np.unique(labels_in_tumour)) <= {0, LEFT_LUNG}
     assert 0.1 <= np.mean(labels_in_tumour > 0) <= 0.9

@@ -68,7 +68,6 @@ from napari_fewlabel.io.volume import Volume
 #: label values in :attr:`LungMasks.labels`.
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
-LUNG_NAMES = {RIGHT_LUNG: "right", LEFT_LUNG: "left"}
 
 #: Pure air: the lumen of the airway (and the gas in the bowel).
 PURE_AIR_HU = -950.0
@@ -330,6 +329,8 @@ def _find_trachea(
             ys, xs = np.nonzero(regions == r)
             if abs(xs.mean() - middle) > 0.2 * half_width:
                 continue
+            # The aerated region around a trachea is its lumen plus a thin rim of
+            # partial-volume voxels; around a bulla it is a whole lung.
             if aerated_areas[aerated[ys[0], xs[0]]] > 2.5 * areas[r] + 50.0 / pixel_mm2:
                 continue
             seed = regions == r
@@ -392,12 +393,18 @@ def _dilate(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
 def _ellipsoid(
     spacing_mm: tuple[float, float, float], radius_mm: float, *, in_plane: bool = False
 ) -> np.ndarray:
-    """A ball of ``radius_mm`` on the voxel grid, shape (2a+1, 2b+1, 2c+1)."""
-    half = [0 if in_plane else int(radius_mm // spacing_mm[0])]
-    half += [max(1, int(radius_mm // s)) for s in spacing_mm[1:]]
+    """A ball of ``radius_mm`` on the voxel grid, shape (2a+1, 2b+1, 2c+1).
+
+    Never smaller than the in-plane neighbours of a voxel, so that a small
+    radius on a coarse grid still does something; flat (one slice) with
+    ``in_plane`` or when the slices are thicker than the radius.
+    """
+    radius = max(radius_mm, spacing_mm[1], spacing_mm[2])
+    half = [0 if in_plane else int(radius // spacing_mm[0])]
+    half += [int(radius // s) for s in spacing_mm[1:]]
     grids = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
     dist2 = sum((g * s) ** 2 for g, s in zip(grids, spacing_mm, strict=True))
-    return np.asarray(dist2 <= radius_mm**2 + 1e-9)
+    return np.asarray(dist2 <= radius**2 + 1e-9)
 
 
 # ----------------------------------------------------------------- right and left
