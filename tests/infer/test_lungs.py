@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import plistlib
+import tarfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -183,3 +187,17 @@ def test_ct_without_lungs_is_refused():
     abdomen = Volume.from_array(scan.array[:5], scan.spacing_mm, modality="CT")
     with pytest.raises(FewLabelError, match="No lung found"):
         segment_lungs(abdomen)
+
+
+def test_head_ct_is_refused():
+    """A real head CT in HU (InVesalius' Cranium, 256x256x108): air, but no lung."""
+    archive = real_data.require(real_data.INVESALIUS, "InVesalius Cranium head CT")
+    with tarfile.open(archive) as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers()}
+        header = plistlib.loads(tar.extractfile(members["main.plist"]).read())
+        raw = tar.extractfile(members["matrix.dat"]).read()
+    hu = np.frombuffer(raw, dtype="<i2").reshape(header["matrix"]["shape"])
+    sx, sy, sz = header["spacing"]
+    head = Volume.from_array(hu, (sz, sy, sx), modality="CT")
+    with pytest.raises(FewLabelError, match=r"No lung found.*chest CT"):
+        segment_lungs(head)
