@@ -61,6 +61,14 @@ def lung1_label() -> Path:
     return require(DATA_DIR / "pyradiomics/lung1_label.nrrd", "pyradiomics lung1 label")
 
 
+def lung2_image() -> Path:
+    return require(DATA_DIR / "pyradiomics/lung2_image.nrrd", "pyradiomics lung2 CT")
+
+
+def lung2_label() -> Path:
+    return require(DATA_DIR / "pyradiomics/lung2_label.nrrd", "pyradiomics lung2 label")
+
+
 def pydicom_tests() -> Path:
     base = _package_dir("pydicom")
     return require(base and base / "data/test_files", "pydicom test files (pip install pydicom)")

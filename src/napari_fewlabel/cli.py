@@ -7,6 +7,7 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 * ``fewlabel finetune IMAGE LABELS --out model.safetensors`` -- fine-tune on a
   few labelled slices, with a progress bar.
 * ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
+* ``fewlabel emphysema CT --out DIR`` -- lung masks and %LAA-950 of a chest CT.
 * ``fewlabel evaluate PRED TRUTH`` -- Dice, HD95 and ASD per class (table + JSON).
 
 A :class:`~napari_fewlabel.errors.FewLabelError` prints its message on stderr
@@ -121,6 +122,91 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"Wrote {', '.join(report['outputs'].values())} and report.json to {args.out}/")
     return 0
+
+
+# ----------------------------------------------------------------- emphysema
+def _add_emphysema(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "emphysema",
+        help="lung masks and emphysema scores (%%LAA-950, %%LAA-910, Perc15) of a chest CT",
+        description="Segment the right and left lung of a chest CT in Hounsfield units and "
+        "score emphysema: %%LAA (share of lung voxels below the threshold) for both lungs, "
+        "each lung and the upper/middle/lower thirds, %%LAA-910 and Perc15. Writes "
+        "lungs.nii.gz (1 right, 2 left), low_attenuation.nii.gz, emphysema.csv and "
+        "emphysema.json to the --out folder.",
+    )
+    p.add_argument("ct", help="a chest CT file or DICOM series folder, in Hounsfield units")
+    p.add_argument("--out", required=True, help="folder for the masks and scores")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=-950.0,
+        metavar="HU",
+        help="low-attenuation threshold in HU (default -950)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_emphysema)
+
+
+def _cmd_emphysema(args: argparse.Namespace) -> int:
+    import csv
+
+    from napari_fewlabel.infer.emphysema import quantify_emphysema
+    from napari_fewlabel.io import load_volume, save_labels
+    from napari_fewlabel.io.atomic import atomic_path
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FewLabelError(f"{out} is a file: give --out a folder for the results.")
+    scan = load_volume(args.ct)
+    # Everything is computed before the first file is written: a scan that cannot be
+    # scored leaves the output folder untouched.
+    report = quantify_emphysema(scan, threshold_hu=args.threshold)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FewLabelError(
+            f"Cannot create {out} ({exc.strerror}): choose a folder you can write to."
+        ) from exc
+    written = [
+        save_labels(report.lungs.labels, like=scan, path=out / "lungs.nii.gz"),
+        save_labels(report.low_attenuation, like=scan, path=out / "low_attenuation.nii.gz"),
+    ]
+    rows = report.to_table()
+    with atomic_path(out / "emphysema.csv") as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    written.append(out / "emphysema.csv")
+    document = {"scan": str(args.ct), **report.to_dict()}
+    with atomic_path(out / "emphysema.json") as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+    written.append(out / "emphysema.json")
+
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    threshold = f"%LAA{report.threshold_hu:g}"
+    print(f"{'region':<13} {'volume mL':>10} {threshold:>9} {'%LAA-910':>9} {'Perc15 HU':>10}")
+    for row in rows:
+        print(
+            f"{row['region']:<13} {_cell(row['lung_volume_ml'], 10, 1)} "
+            f"{_cell(row['laa_percent'], 9, 2)} {_cell(row['laa_910_percent'], 9, 2)} "
+            f"{_cell(row['perc15_hu'], 10, 0)}"
+        )
+    if report.lungs.lungs_were_split:
+        print("note: the lungs touched and were separated where they are thinnest")
+    if not report.lungs.airway.any():
+        print("note: no trachea found in the field of view")
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _cell(value: object, width: int, digits: int) -> str:
+    """A right-aligned number for the table, or '-' for a region without lung."""
+    if not isinstance(value, int | float):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}.{digits}f}"
 
 
 # ------------------------------------------------------------------ finetune
@@ -404,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_emphysema(sub)
     return parser
 
 

@@ -229,13 +229,15 @@ class FinetuneWidget(QWidget):
         self._on_image_changed()
         self._on_labels_changed()
 
+    def _layer(self, name: str) -> Any:
+        # LayerList is a list that also takes names; it has no dict-style get().
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
+
     def selected_image(self) -> Image | None:
-        name = self.image_combo.currentText()
-        return self.viewer.layers.get(name, None)
+        return self._layer(self.image_combo.currentText())
 
     def selected_labels(self) -> Labels | None:
-        name = self.labels_combo.currentText()
-        return self.viewer.layers.get(name, None)
+        return self._layer(self.labels_combo.currentText())
 
     def _on_image_changed(self, *_: Any) -> None:
         image = self.selected_image()
@@ -537,7 +539,7 @@ class FinetuneWidget(QWidget):
         volume = self._image_volume(image)
         colors = {c.index: np.array(c.color) / 255 for c in event.classes[1:]}
         name = f"{image.name} prediction"
-        existing = self.viewer.layers.get(name, None)
+        existing = self._layer(name)
         if isinstance(existing, Labels) and existing.data.shape == event.labels.shape:
             # napari's undoable edit path: Ctrl+Z brings the previous prediction back.
             changed = np.nonzero(np.asarray(existing.data) != event.labels)
