@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -32,7 +33,7 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
             "convert the scan to NIfTI first."
         )
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for damaged files
         raise FewLabelError(f"Cannot read {path.name} as NIfTI ({e}): check the file.") from e
     proxy = img.dataobj
@@ -43,8 +44,8 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
         data = np.asanyarray(proxy)  # keep integers (int16 CT stays 2 bytes per voxel)
     if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
         data = data.reshape(data.shape[:3])
-    qform, qcode = img.header.get_qform(coded=True)  # type: ignore[attr-defined]
-    sform, scode = img.header.get_sform(coded=True)  # type: ignore[attr-defined]
+    qform, qcode = img.header.get_qform(coded=True)
+    sform, scode = img.header.get_sform(coded=True)
     return Volume.from_file_array(
         data,
         img.affine,
