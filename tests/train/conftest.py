@@ -37,6 +37,11 @@ def tiny_case() -> TinyCase:
 
 
 @pytest.fixture
+def tiny_settings() -> FinetuneSettings:
+    return TINY_SETTINGS
+
+
+@pytest.fixture
 def make_job(tiny_case: TinyCase, tmp_path: Path) -> Callable[..., FinetuneJob]:
     def make(**changes: Any) -> FinetuneJob:
         job = FinetuneJob(

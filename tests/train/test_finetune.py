@@ -33,9 +33,10 @@ def test_a_run_yields_progress_then_one_done_with_a_complete_checkpoint(make_job
     assert [p.step for p in progress] == [1, 2, 3, 4]
     assert all(p.total == 4 and p.device.startswith("cpu") for p in progress)
     assert all(math.isfinite(p.losses["total"]) for p in progress)
-    assert any(p.val_dice is not None and 0 <= p.val_dice <= 1 for p in progress)
+    assert all(p.val_dice is None for p in progress)  # 2 labelled slices: both train
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert any("Slice axis 0" in m for m in notices)
+    assert any("No validation Dice: 2 labelled slices" in m for m in notices)
 
     done = events[-1]
     card = load_checkpoint(done.checkpoint).card
@@ -43,12 +44,33 @@ def test_a_run_yields_progress_then_one_done_with_a_complete_checkpoint(make_job
     assert card.slice_axis == 0
     assert card.training["steps_done"] == 4
     assert card.training["data"]["labelled_slices"] == list(tiny_case.labelled)
-    assert card.training["data"]["held_out_slices"] == [11]
+    assert card.training["data"]["held_out_slices"] == []
     assert card.training["settings"]["confidence_threshold"] == 0.9
     assert card.training["paper_faithful"] is False
     assert "2.5D" in " ".join(card.training["differences_from_paper"])
     assert card.modality == "MR" and card.normalization.method == "percentile_zscore"
     assert done.summary["steps_done"] == 4
+
+
+def test_held_out_slices_give_a_validation_dice_then_join_training(make_job, tiny_settings):
+    settings = replace(tiny_settings, validation_min_labelled=2, validation_rejoin_at=0.5)
+    events = _events(make_job(steps=4, settings=settings))
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress[1].val_dice is not None and 0 <= progress[1].val_dice <= 1
+    assert progress[3].val_dice is None  # slice 11 trains from step 3 on
+    assert any("join training" in e.message for e in events if isinstance(e, Notice))
+    done = events[-1]
+    assert done.summary["held_out_slices"] == [11]
+    assert done.summary["val_dice"] == progress[1].val_dice
+
+
+def test_a_structure_seen_on_one_slice_only_is_never_held_out(make_job, tiny_case, tiny_settings):
+    painted = np.zeros_like(tiny_case.truth.array)
+    painted[[3, 11]] = tiny_case.truth.array[[3, 11]]  # atrium and aorta only on slice 11
+    settings = replace(tiny_settings, validation_min_labelled=2)
+    events = _events(make_job(labels=painted, steps=2, settings=settings))
+    assert any("appears only on the slice" in e.message for e in events if isinstance(e, Notice))
+    assert events[-1].summary["held_out_slices"] == []
 
 
 def test_paper_settings_are_recorded_as_faithful(make_job):

@@ -20,6 +20,7 @@ from napari_fewlabel.data.normalization import count_nonfinite, fit_intensity
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import SegmentationModel
+from napari_fewlabel.models.unet2d import TwoStreamUNet
 from napari_fewlabel.train.device import autocast, precision_for, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def predict_volume(
     return out
 
 
-def _probabilities(network: torch.nn.Module, x: torch.Tensor, flips: bool) -> torch.Tensor:
+def _probabilities(network: TwoStreamUNet, x: torch.Tensor, flips: bool) -> torch.Tensor:
     """Mean-of-streams softmax ``(B, K, H, W)``, averaged over flipped copies when asked."""
     proba = network.predict_proba(x)
     if not flips:

@@ -24,6 +24,7 @@ gives the settings as published, and the model card records what was used.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -105,10 +106,14 @@ class FinetuneSettings:
         Pseudo-labels from a weak view, loss on a strong view (FixMatch
         pairing); False uses one view for both, as in the paper.
     augment : AugmentConfig
+    validation_min_labelled : int
+        Hold out about one labelled slice in five for a validation Dice only
+        from this many labelled slices on (and only when each held-out
+        structure is also on a training slice): with 2 labelled slices,
+        holding one out halves the labels.
     validation_rejoin_at : float or None
-        With two or more labelled slices some are held out to report a
-        validation Dice; they join training at this fraction of the steps so
-        no label is wasted (None keeps them out to the end).
+        Held-out slices join training at this fraction of the steps so no
+        label is wasted (None keeps them out to the end).
     validate_every : int
         Steps between validation Dice evaluations.
     test_time_flips : bool
@@ -122,11 +127,12 @@ class FinetuneSettings:
     weight_decay: float = 1e-4
     unlabelled_loss: Literal["cps", "none"] = "cps"
     cps_weight: float = 1.0
-    supervised_warmup: float = 0.2
+    supervised_warmup: float = 0.3
     cps_rampup: float = 0.3
     confidence_threshold: float = 0.9
     strong_view: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    validation_min_labelled: int = 3
     validation_rejoin_at: float | None = 0.8
     validate_every: int = 25
     test_time_flips: bool = False
@@ -350,11 +356,11 @@ def _prepare(job: FinetuneJob) -> _Prepared:
     n_slices = labels.shape[axis]
     unlabelled = np.setdiff1d(np.arange(n_slices), labelled)
 
-    held_out = np.array([], dtype=np.int64)
-    if labelled.size >= 2:
-        n_hold = max(1, round(0.2 * labelled.size))
-        positions = [int(p + 0.5) for p in np.linspace(0, labelled.size - 1, n_hold + 2)[1:-1]]
-        held_out = labelled[sorted(set(positions))]
+    held_out, why_not = _choose_held_out(
+        labels, axis, labelled, job.settings.validation_min_labelled
+    )
+    if why_not:
+        notices.append(Notice(why_not))
 
     image = job.image.array
     bad = count_nonfinite(image)
@@ -422,6 +428,39 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         notices=notices,
         start_card=start_card,
     )
+
+
+def _choose_held_out(
+    labels: np.ndarray, axis: int, labelled: np.ndarray, min_labelled: int
+) -> tuple[np.ndarray, str | None]:
+    """Labelled slices to hold out for a validation Dice, and why none when there are none.
+
+    About one in five labelled slices, evenly spread, is held out, but only when
+    at least ``min_labelled`` slices are labelled and every structure on the
+    held-out slices is also on a slice that stays in training: a structure
+    seen on one slice only must be trained on, not used to keep score.
+    """
+    none = np.array([], dtype=np.int64)
+    if labelled.size < 2:
+        return none, None
+    if labelled.size < min_labelled:
+        return none, (
+            f"No validation Dice: {labelled.size} labelled slices all go into training "
+            f"(a slice is held out for validation from {min_labelled} labelled slices on)."
+        )
+    n_hold = max(1, round(0.2 * labelled.size))
+    positions = sorted({int(p + 0.5) for p in np.linspace(0, labelled.size - 1, n_hold + 2)[1:-1]})
+    held_out = labelled[positions]
+    kept = np.setdiff1d(labelled, held_out)
+    classes_kept = set(np.unique(np.take(labels, kept, axis=axis)).tolist())
+    classes_held = set(np.unique(np.take(labels, held_out, axis=axis)).tolist())
+    if not classes_held <= classes_kept:
+        return none, (
+            "No validation Dice: a structure appears only on the slice that would be held "
+            "out, so every labelled slice goes into training. Paint one more slice with it "
+            "to get a validation score."
+        )
+    return held_out, None
 
 
 # ------------------------------------------------------------ out of memory
@@ -793,7 +832,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             yield Notice("The held-out validation slices now join training for the last steps.")
         t0 = time.perf_counter()
         losses, batch, notices = step_with_oom_fallback(
-            lambda b, s=step: train_step(b, s), batch, advice=advice
+            functools.partial(train_step, step=step), batch, advice=advice
         )
         yield from notices
         step += 1

@@ -1,0 +1,318 @@
+"""Speed and memory of the engine on the CPU, against a MONAI UNet of the same size.
+
+Prints one JSON document:
+
+* ``training``: steps/s of our fine-tuning step (two streams; supervised-only
+  and the default step with cross pseudo-supervision) and of a MONAI ``UNet``
+  with the same parameter count (2.5 M), each on 8 slices of 256x256, with
+  the ratio ours / MONAI (same process, interleaved, median of repeats);
+* ``inference``: slices/s of both networks' forward pass (+ softmax) on 16
+  slices of 256x256, and of ``predict_volume`` on a 256x256x200 volume;
+* ``memory``: peak resident memory when predicting the lung1 chest CT
+  (512x512x48, pyradiomics test data) and a 512x512x300 CT volume, each in a
+  fresh process, as extra memory over the process before the volume was read,
+  relative to the volume's own size;
+* ``default_finetune``: wall time of a default fine-tuning run on a synthetic
+  256x256x200 MRI (skip with ``--skip-finetune``).
+
+    python benchmarks/speed.py > speed.json
+
+lung1 comes from the pyradiomics 3.0.1 source archive (see DATA.md); pass
+its path with ``--lung1`` (default /tmp/fx/pyradiomics-3.0.1/data/lung1_image.nrrd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_fewlabel.data.augment import (
+    AugmentConfig,
+    jitter_intensity,
+    random_geometry,
+    strong_view,
+    warp,
+)
+from napari_fewlabel.data.classes import default_classes
+from napari_fewlabel.data.normalization import NormalizationConfig
+from napari_fewlabel.losses.cross_pseudo_supervision import cross_pseudo_supervision_loss
+from napari_fewlabel.losses.dice_ce import dice_ce_loss
+from napari_fewlabel.models.checkpoint import ModelCard, SegmentationModel
+from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
+
+SIZE = 256
+CLASSES = 4
+
+
+def _monai_unet() -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(2, 3, CLASSES, (20, 40, 80, 160, 320), (2, 2, 2, 2), num_res_units=2)
+
+
+def _params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def training_speed(repeats: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    aug = AugmentConfig()
+    ours = TwoStreamUNet(UNetConfig(3, CLASSES))
+    monai = _monai_unet()
+    opt_ours = torch.optim.AdamW(ours.parameters(), 1e-3)
+    opt_monai = torch.optim.AdamW(monai.parameters(), 1e-3)
+    x = torch.randn(8, 3, SIZE, SIZE)
+    y = torch.randint(0, CLASSES, (8, SIZE, SIZE))
+
+    def ours_supervised() -> None:
+        xa, ya = warp(x, y, random_geometry(8, aug, generator, cpu))
+        a, b = ours(xa)
+        loss = dice_ce_loss(a, ya)[0] + dice_ce_loss(b, ya)[0]
+        opt_ours.zero_grad()
+        loss.backward()
+        opt_ours.step()
+
+    def ours_default() -> None:
+        # The default fine-tuning step: 4 labelled + 4 unlabelled slices, teacher pass on the weak view.
+        xa, ya = warp(x, y, random_geometry(8, aug, generator, cpu))
+        weak = jitter_intensity(xa[4:], generator, contrast=0.15, brightness=0.1, noise_std=0.05)
+        with torch.no_grad():
+            ta, tb = ours(weak)
+        a, b = ours(torch.cat([xa[:4], strong_view(weak, aug, generator)]))
+        loss = dice_ce_loss(a[:4], ya[:4])[0] + dice_ce_loss(b[:4], ya[:4])[0]
+        loss = (
+            loss
+            + cross_pseudo_supervision_loss(
+                a[4:], b[4:], teacher_1=ta, teacher_2=tb, threshold=0.9
+            )[0]
+        )
+        opt_ours.zero_grad()
+        loss.backward()
+        opt_ours.step()
+
+    def monai_step() -> None:
+        xa, ya = warp(x, y, random_geometry(8, aug, generator, cpu))
+        loss = dice_ce_loss(monai(xa), ya)[0]
+        opt_monai.zero_grad()
+        loss.backward()
+        opt_monai.step()
+
+    times: dict[str, list[float]] = {"ours_supervised": [], "ours_default": [], "monai": []}
+    steps = {"ours_supervised": ours_supervised, "ours_default": ours_default, "monai": monai_step}
+    for fn in steps.values():  # warm-up
+        fn()
+    for _ in range(repeats):  # interleaved so machine load hits all alike
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rate = {k: 1 / statistics.median(v) for k, v in times.items()}
+    return {
+        "input": f"8 x 3 x {SIZE} x {SIZE}",
+        "params_ours": _params(ours),
+        "params_monai": _params(monai),
+        "steps_per_s": {k: round(v, 3) for k, v in rate.items()},
+        "ratio_ours_supervised_vs_monai": round(rate["ours_supervised"] / rate["monai"], 3),
+        "ratio_ours_default_vs_monai": round(rate["ours_default"] / rate["monai"], 3),
+    }
+
+
+@torch.no_grad()
+def inference_speed(repeats: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    ours = TwoStreamUNet(UNetConfig(3, CLASSES)).eval()
+    monai = _monai_unet().eval()
+    x = torch.randn(16, 3, SIZE, SIZE)
+    fns = {"ours": lambda: ours.predict_proba(x), "monai": lambda: monai(x).softmax(1)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rate = {k: 16 / statistics.median(v) for k, v in times.items()}
+
+    from napari_fewlabel.infer.predict import predict_volume
+    from napari_fewlabel.io.volume import Volume
+
+    model = _model("MR", ours)
+    rng = np.random.default_rng(0)
+    volume = Volume.from_array(
+        rng.gamma(2, 100, size=(200, SIZE, SIZE)).astype(np.float32), modality="MR"
+    )
+    t0 = time.perf_counter()
+    predict_volume(model, volume, device="cpu")
+    whole = time.perf_counter() - t0
+    return {
+        "input": f"16 x 3 x {SIZE} x {SIZE}",
+        "slices_per_s": {k: round(v, 2) for k, v in rate.items()},
+        "ratio_ours_vs_monai": round(rate["ours"] / rate["monai"], 3),
+        "predict_volume_256x256x200_s": round(whole, 1),
+        "predict_volume_slices_per_s": round(200 / whole, 2),
+    }
+
+
+def _model(modality: str, network: TwoStreamUNet | None = None) -> SegmentationModel:
+    config = UNetConfig(3, CLASSES)
+    card = ModelCard(
+        architecture=config.to_dict(),
+        classes=default_classes(CLASSES),
+        modality=modality,  # type: ignore[arg-type]
+        normalization=NormalizationConfig.for_modality(modality),  # type: ignore[arg-type]
+        input_size=(SIZE, SIZE),
+    )
+    return SegmentationModel((network or TwoStreamUNet(config)).eval(), card)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_child(path: str) -> None:
+    """Run in a fresh process: load a model, then a volume, predict; report memory in MiB."""
+    from napari_fewlabel.infer.predict import predict_volume
+    from napari_fewlabel.io.volume import Volume
+
+    model = _model("CT")
+    before = _rss_mb()
+    if path.endswith(".npy"):
+        array = np.load(path)
+        spacing = (1.0, 0.7, 0.7)
+    else:
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(path)
+        array = sitk.GetArrayFromImage(image)  # (z, y, x), LPS with an identity direction
+        spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
+    volume = Volume.from_array(array, spacing, modality="CT")  # type: ignore[arg-type]
+    after_read = _rss_mb()
+    t0 = time.perf_counter()
+    labels = predict_volume(model, volume, device="cpu")
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "shape_zyx": list(volume.shape),
+                "dtype": str(array.dtype),
+                "volume_mb": round(array.nbytes / 2**20, 1),
+                "labels_mb": round(labels.nbytes / 2**20, 1),
+                "rss_before_volume_mb": round(before, 1),
+                "rss_after_read_mb": round(after_read, 1),
+                "peak_rss_mb": round(peak, 1),
+                "extra_over_volume": round((peak - before) / (array.nbytes / 2**20), 2),
+                "predict_seconds": round(seconds, 1),
+            }
+        )
+    )
+
+
+def memory(lung1: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    cases: dict[str, str] = {}
+    if lung1.is_file():
+        cases["lung1_512x512x48"] = str(lung1)
+    else:
+        out["lung1_512x512x48"] = f"skipped: {lung1} not found (see DATA.md to get it)"
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "ct_512x512x300.npy"
+        rng = np.random.default_rng(0)
+        # Body-like HU values: air outside a disc, soft tissue and noise inside.
+        yy, xx = np.mgrid[:512, :512]
+        body = ((yy - 256) ** 2 + (xx - 256) ** 2) < 230**2
+        slab = np.where(body, 40, -1000).astype(np.int16)
+        volume = np.empty((300, 512, 512), dtype=np.int16)
+        for z in range(300):
+            volume[z] = slab + rng.integers(-30, 30, size=(512, 512), dtype=np.int16)
+        np.save(big, volume)
+        del volume
+        cases["synthetic_ct_512x512x300"] = str(big)
+        for name, path in cases.items():
+            result = subprocess.run(
+                [sys.executable, __file__, "--memory-child", path],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
+            out[name] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def default_finetune() -> dict[str, Any]:
+    from napari_fewlabel.data.phantoms import cardiac_phantom
+    from napari_fewlabel.train.events import Done
+    from napari_fewlabel.train.finetune import FinetuneJob, run
+
+    phantom = cardiac_phantom("MR", seed=0, shape=(200, 256, 256), spacing_mm=(0.5, 0.75, 0.75))
+    truth = phantom.labels.array
+    painted = np.zeros_like(truth)
+    painted[[70, 130]] = truth[[70, 130]]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = FinetuneJob(
+            phantom.image,
+            painted,
+            Path(tmp) / "m.safetensors",
+            classes=phantom.classes,
+            device="cpu",
+        )
+        t0 = time.perf_counter()
+        done = [e for e in run(job) if isinstance(e, Done)][-1]
+        seconds = time.perf_counter() - t0
+    return {
+        "volume": "synthetic MRI phantom 256x256x200, 2 labelled slices",
+        "steps": done.summary["steps_done"],
+        "wall_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / done.summary["steps_done"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--lung1", type=Path, default=Path("/tmp/fx/pyradiomics-3.0.1/data/lung1_image.nrrd")
+    )
+    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    report: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "training": training_speed(args.repeats),
+        "inference": inference_speed(args.repeats),
+        "memory": memory(args.lung1),
+    }
+    if not args.skip_finetune:
+        report["default_finetune"] = default_finetune()
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
