@@ -18,13 +18,15 @@ from napari_fewlabel.train.events import Done, Progress
 
 pytestmark = pytest.mark.gui
 PLUGIN = "napari-fewlabel"
-LABELLED = (7, 16)
+# As in tests/train/test_finetune_end_to_end.py: a third and two thirds up the heart.
+LABELLED = (16, 32)
+SPACING_MM = (2.0, 2.0, 2.0)
 
 
 @pytest.fixture(scope="module")
 def small_phantom():
     """A smaller copy of the sample phantom so that real training fits in a test."""
-    return cardiac_phantom("MR", seed=0, shape=(24, 96, 96), spacing_mm=(4.0, 2.5, 2.5))
+    return cardiac_phantom("MR", seed=0, shape=(48, 96, 96), spacing_mm=SPACING_MM)
 
 
 @pytest.fixture
@@ -68,9 +70,9 @@ def test_full_loop_on_the_phantom(widget_with_scan, small_phantom, qtbot, tmp_pa
     assert np.allclose(annotation.scale, viewer.layers["phantom"].scale)
     _paint(annotation, small_phantom.labels.array)
     widget._update_slice_count()
-    assert widget.slice_count.text().startswith("2 z (axial) slice(s) (7, 16)")
+    assert widget.slice_count.text().startswith("2 z (axial) slice(s) (16, 32)")
 
-    widget.steps_spin.setValue(150)
+    widget.steps_spin.setValue(300)
     progress = []
     widget.runner.job_event.connect(lambda e: progress.append(e))
     assert widget.start()
@@ -89,9 +91,7 @@ def test_full_loop_on_the_phantom(widget_with_scan, small_phantom, qtbot, tmp_pa
     )
     unlabelled = [z for z in range(small_phantom.labels.shape[0]) if z not in LABELLED]
     pred = np.asarray(prediction.data)
-    results = class_metrics(
-        pred[unlabelled], small_phantom.labels.array[unlabelled], (4.0, 2.5, 2.5)
-    )
+    results = class_metrics(pred[unlabelled], small_phantom.labels.array[unlabelled], SPACING_MM)
     mean_dice = float(np.mean([r.dice for r in results]))
     assert mean_dice > 0.85, [(r.name, round(r.dice, 3)) for r in results]
 
