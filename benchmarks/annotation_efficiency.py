@@ -18,7 +18,8 @@ Methods (same data, same seeds, same number of steps):
   ramp, all pseudo-labels, one view, single-slice input)                  (b);
 * ``default``: the product defaults (see docs/engine.md)                   (b*);
 * ablation rows between ``paper`` and ``default`` (``+2.5d``, ``+warmup``,
-  ``+threshold``; ``default`` adds the weak/strong view pairing) and beyond it
+  ``+threshold``; ``default`` adds the weak/strong view pairing), ``default_1slice``
+  (``default`` with a single slice in) and beyond it
   (``+flips``: flip augmentation and TTA; ``+holdout``: hold out a validation
   slice from 2 labelled slices on; ``+steps2x``: twice the steps);
 * ``pretrained`` (c): ``default`` started from ``--encoder``, once pretraining exists.
@@ -151,6 +152,7 @@ def settings_for(method: str) -> tuple[FinetuneSettings, UNetConfig, int]:
             1,
         ),
         "default": (default, arch, 1),
+        "default_1slice": (default, single, 1),
         "+flips": (
             replace(default, augment=AugmentConfig(flips=True), test_time_flips=True),
             arch,

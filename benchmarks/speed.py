@@ -9,7 +9,7 @@ Prints one JSON document:
 * ``inference``: slices/s of both networks' forward pass (+ softmax) on 16
   slices of 256x256, and of ``predict_volume`` on a 256x256x200 volume;
 * ``memory``: peak resident memory when predicting the lung1 chest CT
-  (512x512x48, pyradiomics test data) and a 512x512x300 CT volume, each in a
+  (512x512x48, pyradiomics test data) and 512x512x300 and x600 CT volumes, each in a
   fresh process, as extra memory over the process before the volume was read,
   relative to the volume's own size;
 * ``default_finetune``: wall time of a default fine-tuning run on a synthetic
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -181,12 +180,17 @@ def _model(modality: str, network: TwoStreamUNet | None = None) -> SegmentationM
     return SegmentationModel((network or TwoStreamUNet(config)).eval(), card)
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc (VmRSS: now, VmHWM: peak), MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def memory_child(path: str) -> None:
@@ -210,7 +214,8 @@ def memory_child(path: str) -> None:
     t0 = time.perf_counter()
     labels = predict_volume(model, volume, device="cpu")
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not getrusage: ru_maxrss survives exec, so it would report the parent's peak.
+    peak = _status_mb("VmHWM")
     print(
         json.dumps(
             {
@@ -221,7 +226,8 @@ def memory_child(path: str) -> None:
                 "rss_before_volume_mb": round(before, 1),
                 "rss_after_read_mb": round(after_read, 1),
                 "peak_rss_mb": round(peak, 1),
-                "extra_over_volume": round((peak - before) / (array.nbytes / 2**20), 2),
+                "peak_over_baseline_mb": round(peak - before, 1),
+                "peak_over_baseline_vs_volume": round((peak - before) / (array.nbytes / 2**20), 2),
                 "predict_seconds": round(seconds, 1),
             }
         )
@@ -237,18 +243,19 @@ def memory(lung1: Path) -> dict[str, Any]:
     else:
         out["lung1_512x512x48"] = f"skipped: {lung1} not found (see DATA.md to get it)"
     with tempfile.TemporaryDirectory() as tmp:
-        big = Path(tmp) / "ct_512x512x300.npy"
         rng = np.random.default_rng(0)
         # Body-like HU values: air outside a disc, soft tissue and noise inside.
         yy, xx = np.mgrid[:512, :512]
         body = ((yy - 256) ** 2 + (xx - 256) ** 2) < 230**2
         slab = np.where(body, 40, -1000).astype(np.int16)
-        volume = np.empty((300, 512, 512), dtype=np.int16)
-        for z in range(300):
-            volume[z] = slab + rng.integers(-30, 30, size=(512, 512), dtype=np.int16)
-        np.save(big, volume)
-        del volume
-        cases["synthetic_ct_512x512x300"] = str(big)
+        for slices in (300, 600):
+            path = Path(tmp) / f"ct_512x512x{slices}.npy"
+            volume = np.empty((slices, 512, 512), dtype=np.int16)
+            for z in range(slices):
+                volume[z] = slab + rng.integers(-30, 30, size=(512, 512), dtype=np.int16)
+            np.save(path, volume)
+            del volume
+            cases[f"synthetic_ct_512x512x{slices}"] = str(path)
         for name, path in cases.items():
             result = subprocess.run(
                 [sys.executable, __file__, "--memory-child", path],

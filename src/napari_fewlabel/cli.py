@@ -353,7 +353,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="mask to write (.nii.gz)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    p.add_argument(
+        "--batch-size", type=int, help="slices per forward pass (default: 4 on CPU, 16 on GPU)"
+    )
     flips = p.add_mutually_exclusive_group()
     flips.add_argument("--flips", dest="flips", action="store_true", default=None,
                        help="average over flipped copies (test-time augmentation)")  # fmt: skip

@@ -5,7 +5,9 @@ adjacent ones for 2.5D input) from the original array, normalises them with
 statistics fitted once per volume, runs the network (mean of the two streams'
 softmax), maps the probabilities back to the slice's own size and writes the
 argmax into the output label array. Peak memory is the input, the output
-labels (1 byte per voxel for up to 256 classes) and one batch.
+labels (1 byte per voxel for up to 256 classes) and one batch: predicting a
+512x512x300 int16 CT on the CPU needs about 2x the scan's size over the
+process's baseline (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def predict_volume(
     volume: Volume,
     *,
     axis: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     test_time_flips: bool | None = None,
 ) -> np.ndarray:
@@ -45,8 +47,11 @@ def predict_volume(
         The scan, ``(z, y, x)``.
     axis : int, optional
         Slice axis; default: the axis the model was trained along (its card).
-    batch_size : int
-        Slices per forward pass; halved automatically when a GPU runs out of memory.
+    batch_size : int, optional
+        Slices per forward pass; default 16 on a GPU and 4 on the CPU, where
+        the network's activations (about 30 MB per 256x256 slice) share the
+        host memory with the scan. Halved automatically when a GPU runs out
+        of memory.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then CPU.
     test_time_flips : bool, optional
@@ -66,7 +71,7 @@ def predict_volume(
     axis = card.slice_axis if axis is None else axis
     if axis not in (0, 1, 2):
         raise FewLabelError(f"Slice axis must be 0, 1 or 2, got {axis}.")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FewLabelError(f"batch_size must be at least 1, got {batch_size}.")
     if test_time_flips is None:
         test_time_flips = bool(card.inference.get("test_time_flips", False))
@@ -94,6 +99,8 @@ def predict_volume(
     fit = InputFit((slice_shape[0], slice_shape[1]), card.input_size)
     half = model.network.config.in_slices // 2
     dev = resolve_device(device)
+    if batch_size is None:
+        batch_size = 4 if dev.type == "cpu" else 16
     precision = precision_for(dev)
     network = model.network.to(dev).eval()
 

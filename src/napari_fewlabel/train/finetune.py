@@ -626,10 +626,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     batch = BatchSizes(settings.batch_labelled, settings.batch_unlabelled)
     labelled_pool = data.labelled
     held_out = data.held_out
-    if labelled_pool.size == 0:  # one labelled slice cannot be both trained on and held out
-        labelled_pool, held_out = held_out, np.array([], dtype=np.int64)
     rejoined = False
-    val_dice: float | None = None
     last_val_dice: float | None = None
     losses: dict[str, float] = {}
     total = job.steps
