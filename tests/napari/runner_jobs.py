@@ -28,3 +28,20 @@ def bad_input(*, cancel) -> Iterator[Progress]:
 def crash(*, cancel) -> Iterator[Progress]:
     yield Progress(step=1, total=2, losses={})
     os._exit(3)
+
+
+def large_result_on_stop(size: int, *, cancel) -> Iterator[object]:
+    """Like the fine-tuning job: on Stop it still sends a prediction, larger than a pipe."""
+    step = 0
+    while not cancel.is_set():
+        step += 1
+        time.sleep(0.01)
+        yield Progress(step=step, total=10**6, losses={})
+    yield bytes(size)
+    yield Done(checkpoint=None, summary={"last_step": step}, cancelled=True)
+
+
+def streams_large_events_and_ignores_stop(size: int, *, cancel) -> Iterator[bytes]:
+    """A job that never checks its flag and keeps the pipe full: only terminate ends it."""
+    while True:
+        yield bytes(size)

@@ -75,3 +75,32 @@ def test_a_crashed_child_is_reported(qtbot):
     failure = seen[-1]
     assert isinstance(failure, JobFailed)
     assert "stopped unexpectedly (exit code 3)" in failure.message
+
+
+def test_shutdown_receives_a_large_last_event(qtbot):
+    # The prediction sent after Stop is bigger than the pipe's buffer: the child can
+    # only exit once the parent has read it, so shutdown must keep reading meanwhile.
+    runner = ProcessRunner()
+    seen = _collect(runner)
+    runner.start(runner_jobs.large_result_on_stop, 4 * 2**20)
+    qtbot.waitUntil(lambda: any(isinstance(e, Progress) for e in seen), timeout=60_000)
+    process = runner._process
+    runner.shutdown(timeout_s=30.0)
+    assert not runner.is_running
+    assert [len(e) for e in seen if isinstance(e, bytes)] == [4 * 2**20]
+    assert isinstance(seen[-1], Done) and seen[-1].cancelled
+    assert process.exitcode == 0
+
+
+def test_shutdown_ends_a_job_that_ignores_stop(qtbot):
+    # Terminated in the middle of sending an event: the GUI thread must not be left
+    # waiting for the rest of it.
+    runner = ProcessRunner()
+    seen = _collect(runner)
+    runner.start(runner_jobs.streams_large_events_and_ignores_stop, 2**20)
+    qtbot.waitUntil(lambda: any(isinstance(e, bytes) for e in seen), timeout=60_000)
+    process = runner._process
+    runner.shutdown(timeout_s=0.5)
+    assert not runner.is_running
+    assert not process.is_alive()
+    assert all(len(e) == 2**20 for e in seen if isinstance(e, bytes))

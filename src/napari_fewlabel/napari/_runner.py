@@ -5,8 +5,10 @@ Two runners with one interface, so the widget does not care which is used:
 * :class:`ProcessRunner` (default) runs the job in a child process started with
   ``spawn``. Training never competes with the GUI for the GIL, a crash in the
   job (or the CUDA driver) cannot take napari down, and all GPU memory is
-  returned when the job ends. Events come back through a queue that a QTimer
-  drains on the GUI thread.
+  returned when the job ends. The child sends events down a pipe; a reader
+  thread here moves them into a local queue that a QTimer drains on the GUI
+  thread, so the GUI thread never reads the pipe itself (a child killed in the
+  middle of sending a large event would otherwise leave it blocked for good).
 * :class:`ThreadRunner` runs it in a thread of this process: no start-up cost,
   but Python code between torch calls holds the GIL.
 
@@ -22,6 +24,7 @@ import contextlib
 import multiprocessing as mp
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,7 +68,25 @@ def _child_main(jobs: Any, events: Any, cancel: Any) -> None:
     # its arguments into a pipe that the child only drains while unpickling them
     # (importing torch on the way), which would block the GUI thread for seconds.
     target, args = jobs.get()
-    _drive(target, args, cancel, events.put)
+    # Events go out synchronously (no feeder thread that must flush at exit): the
+    # parent's reader thread is always draining the other end.
+    with contextlib.suppress(BrokenPipeError, OSError):  # the parent has gone away
+        _drive(target, args, cancel, events.send)
+    events.close()
+
+
+def _pump(connection: Any, out: queue.Queue[Any]) -> None:
+    """Reader thread: move everything the child sends into ``out`` until it is gone."""
+    try:
+        while True:
+            out.put(connection.recv())
+    except (EOFError, OSError):  # the child closed its end, exited or was killed
+        pass
+    except BaseException as exc:  # an event that cannot be unpickled here
+        out.put(JobFailed(f"The training process sent an unreadable event: {exc!r}", False))
+    finally:
+        with contextlib.suppress(OSError):
+            connection.close()
 
 
 def _crash_message(exit_code: int | None) -> str:
@@ -187,22 +208,32 @@ class ProcessRunner(_Runner):
         super().__init__(parent)
         self._ctx = mp.get_context("spawn")
         self._process: Any = None
-        self._events: Any = None
         self._jobs: Any = None
+        self._reader: threading.Thread | None = None
+        self._events: queue.Queue[Any] = queue.Queue()
         self._cancel: Any = self._ctx.Event()
 
     def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
-        self._events = self._ctx.Queue()
-        # Kept referenced until the job ends: the child rebuilds its semaphores on start-up.
+        self._events = queue.Queue()
+        receive, send = self._ctx.Pipe(duplex=False)
         self._jobs = self._ctx.Queue()
+        # If the child dies before reading the job, exiting napari must not wait for it.
+        self._jobs.cancel_join_thread()
         self._cancel = self._ctx.Event()
         self._process = self._ctx.Process(
             target=_child_main,
-            args=(self._jobs, self._events, self._cancel),
+            args=(self._jobs, send, self._cancel),
             name="fewlabel-job",
             daemon=True,
         )
         self._process.start()
+        # The child holds its own copy now; with ours closed, the reader sees end-of-file
+        # as soon as the child is gone, however it ends.
+        send.close()
+        self._reader = threading.Thread(
+            target=_pump, args=(receive, self._events), name="fewlabel-events", daemon=True
+        )
+        self._reader.start()
         self._jobs.put((target, args))  # a feeder thread writes it; the GUI thread returns at once
 
     def _cancel_flag(self) -> Any:
@@ -212,24 +243,40 @@ class ProcessRunner(_Runner):
         return self._events.get_nowait()
 
     def _alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+        # The reader ends only after the child's end of the pipe has closed and every
+        # event before that has been queued.
+        return self._reader is not None and self._reader.is_alive()
 
     def _exit_code(self) -> int | None:
-        return None if self._process is None else self._process.exitcode
+        if self._process is None:
+            return None
+        self._process.join(0.5)  # the pipe has closed: the process is ending
+        return self._process.exitcode
 
     def _join(self, timeout_s: float) -> None:
-        if self._process is None:
+        if self._process is None or self._reader is None:
             return
-        self._process.join(timeout_s)
-        if self._process.is_alive() and timeout_s > 0:
+        if timeout_s <= 0:
+            self._reader.join(0.0)
+            self._process.join(0.0)
+            return
+        # Wait on the reader first: it keeps draining the pipe so the child can finish
+        # sending (a prediction can be larger than the pipe's buffer) and exit.
+        deadline = time.monotonic() + timeout_s
+        self._reader.join(timeout_s)
+        self._process.join(max(0.0, deadline - time.monotonic()))
+        if self._process.is_alive():
             self._process.terminate()
             self._process.join(2.0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(2.0)
+        self._reader.join(2.0)  # end-of-file follows the child's end
 
     def _close(self) -> None:
-        for channel in (self._events, self._jobs):
-            if channel is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    channel.close()
+        if self._jobs is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._jobs.close()
 
 
 class ThreadRunner(_Runner):
