@@ -165,7 +165,8 @@ class PretrainSettings:
     block_size : int
         Consecutive slices drawn from one scan (see :class:`~napari_fewlabel.data.archive.SliceBlocks`).
     learning_rate, weight_decay : float
-        AdamW; linear warm-up over the first 5 % of the steps, cosine decay to 0.
+        AdamW; linear warm-up over the first 10 steps, then cosine decay to 0
+        over the steps (or over the time budget, when that ends first).
     views : ViewConfig
     rank_every : int
         Steps between effective-rank evaluations (on the last ``rank_window`` embeddings).
@@ -300,7 +301,8 @@ class PretrainJob:
     steps : int
         Training steps (each of ``settings.batch_size`` slices per process).
     time_budget_s : float, optional
-        Stop after this many seconds even if ``steps`` are not done.
+        Stop after this many seconds even if ``steps`` are not done; the
+        learning-rate schedule then follows the clock, so it still ends decayed.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (under
         torchrun, CUDA ranks use ``cuda:LOCAL_RANK``).
@@ -464,12 +466,10 @@ def _any_rank(flag: bool, ranks: _Ranks, device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------- helpers
-def _lr_factor(step: int, total: int) -> float:
-    """Linear warm-up over 5 % of the steps (at least 10), then cosine decay to 0."""
-    warm = max(10, round(0.05 * total))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+def _lr_factor(step: int, progress: float) -> float:
+    """Linear warm-up over the first 10 steps, then cosine decay to 0 as ``progress`` goes to 1."""
+    warm = min(1.0, (step + 1) / 10)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _auto_queue_size(slices: int, global_batch: int) -> int:
@@ -612,11 +612,11 @@ def _train(
     if ranks.is_main:
         if step0:
             yield Notice(f"Resuming from {Path(job.resume_from or '').name} at step {step0}.")
+        queue_text = f", a queue of {queue_size} keys" if settings.global_weight else ""
         yield Notice(
             f"Pretraining ({settings.method}) on {device_text} ({precision.name}) x "
             f"{ranks.world_size} process(es): {len(archive.scans)} scans, {len(archive)} usable "
-            f"slices, batches of {settings.batch_size} per process, queue of {queue_size} keys, "
-            f"{job.steps} steps."
+            f"slices, batches of {settings.batch_size} per process{queue_text}, {job.steps} steps."
         )
 
     batches_per_epoch = len(loader)
@@ -635,6 +635,13 @@ def _train(
     last_save_step = step0
     step_times: list[float] = []
     losses: dict[str, float] = {}
+
+    def progress_at(step: int) -> float:
+        """Fraction of the run done: by steps, or by time when a time budget is set."""
+        p = step / job.steps
+        if job.time_budget_s is not None:
+            p = max(p, (time.perf_counter() - start) / job.time_budget_s)
+        return min(1.0, p)
 
     def card_for(steps_done: int) -> ModelCard:
         modalities = archive.modalities()
@@ -689,7 +696,7 @@ def _train(
 
     def train_step(batch: torch.Tensor, step: int) -> dict[str, float]:
         for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(step, job.steps)
+            group["lr"] = settings.learning_rate * _lr_factor(step, progress_at(step))
         batch = batch.to(device, non_blocking=True)
         pair = make_view_pair(batch, settings.views, generator)
         b = batch.shape[0]
