@@ -106,7 +106,7 @@ def test_ideal_writes_an_encoder_that_loads_into_the_finetuning_network(scans, t
     trained = read_model_tensors(state_path(done.checkpoint))
     for name, value in network.encoder.state_dict().items():
         assert torch.equal(value, trained[f"query.encoder.{name}"])
-    with pytest.raises(FewLabelError, match="pretrained encoder.*fine-tune"):
+    with pytest.raises(FewLabelError, match=r"pretrained encoder.*fine-tune"):
         load_checkpoint(done.checkpoint)
 
 
