@@ -413,7 +413,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         data=tuple(args.data),
         out=args.out,
         settings=settings,
-        steps=args.steps or DEFAULT_STEPS,
+        steps=DEFAULT_STEPS if args.steps is None else args.steps,
         time_budget_s=args.time_budget,
         device=args.device,
         seed=args.seed,
