@@ -6,6 +6,9 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 * ``fewlabel info SCAN`` -- shape, spacing, orientation, intensity range, modality.
 * ``fewlabel finetune IMAGE LABELS --out model.safetensors`` -- fine-tune on a
   few labelled slices, with a progress bar.
+* ``fewlabel pretrain DATA... --method ideal|medmoco --out encoder.safetensors`` --
+  self-supervised pretraining of the encoder on unlabelled scans (also under
+  ``torchrun --nproc_per_node=N``).
 * ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
 * ``fewlabel emphysema CT --out DIR`` -- lung masks and %LAA-950 of a chest CT.
 * ``fewlabel evaluate PRED TRUTH`` -- Dice, HD95 and ASD per class (table + JSON).
@@ -312,6 +315,8 @@ class _ProgressBar:
         ]
         if event.val_dice is not None:
             parts.append(f"val Dice {event.val_dice:.3f}")
+        if "effective_rank" in event.extra:
+            parts.append(f"effective rank {event.extra['effective_rank']:.1f}")
         if event.eta_s is not None:
             parts.append(f"ETA {_duration(event.eta_s)}")
         parts.append(event.device)
@@ -341,6 +346,100 @@ class _ProgressBar:
 def _duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ------------------------------------------------------------------ pretrain
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pretraining of the encoder on unlabelled scans",
+        description="Pretrain the fine-tuning network's encoder on unlabelled scans with IDEAL "
+        "dense contrastive learning or med-moco (MoCo v2 + local contrast + feature "
+        "decorrelation). Scans are read lazily and slices sampled on the fly. Writes the "
+        "encoder to --out (start fine-tuning from it with `fewlabel finetune --model`) and the "
+        "training state next to it (<name>.state.safetensors, for --resume). Runs on several "
+        "processes under `torchrun --nproc_per_node=N -m napari_fewlabel.cli pretrain ...`.",
+    )
+    p.add_argument(
+        "data", nargs="+", type=Path, help="scan files or folders (NIfTI, NRRD, MHA, DICOM, .inv3)"
+    )
+    p.add_argument("--method", choices=("ideal", "medmoco"), default="ideal")
+    p.add_argument("--out", type=Path, required=True, help="encoder file to write (.safetensors)")
+    p.add_argument(
+        "--steps", type=int, help="training steps (default: about 30 minutes on 2 CPU cores)"
+    )
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--batch-size", type=int, help="slices per step and process")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
+    p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an earlier run")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, help="InfoNCE temperature")
+    p.add_argument("--momentum", type=float, help="momentum of the key encoder")
+    p.add_argument("--queue-size", type=int, help="MoCo queue length (default: sized to the data)")
+    p.add_argument("--decorrelation", type=float, metavar="WEIGHT", help="decorrelation weight")
+    p.add_argument("--view-size", type=int, help="side of the augmented views in pixels")
+    p.add_argument("--slice-size", type=int, default=256, help="side slices are fitted to")
+    p.add_argument("--half", action="store_true", help="store the encoder in float16")
+    p.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from napari_fewlabel.train.events import Done, Notice, Progress
+    from napari_fewlabel.train.pretrain import (
+        DEFAULT_STEPS,
+        PretrainJob,
+        PretrainSettings,
+        run,
+        with_overrides,
+    )
+
+    settings = with_overrides(
+        PretrainSettings.for_method(args.method),
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        momentum=args.momentum,
+        queue_size=args.queue_size,
+        decorrelation_weight=args.decorrelation,
+    )
+    if args.view_size:
+        settings = replace(
+            settings, views=replace(settings.views, size=(args.view_size, args.view_size))
+        )
+    job = PretrainJob(
+        data=tuple(args.data),
+        out=args.out,
+        settings=settings,
+        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+        time_budget_s=args.time_budget,
+        device=args.device,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        resume_from=args.resume,
+        slice_size=args.slice_size,
+        half=args.half,
+        num_workers=args.workers,
+    )
+    bar = _ProgressBar(sys.stderr)
+    for event in run(job):
+        if isinstance(event, Progress):
+            bar.update(event)
+        elif isinstance(event, Notice):
+            bar.message(("warning: " if event.level == "warning" else "") + event.message)
+        elif isinstance(event, Done):
+            bar.finish()
+            s = event.summary
+            rank = s.get("effective_rank")
+            print(
+                f"Wrote {event.checkpoint} after {s['steps_done']} steps in "
+                f"{s['train_seconds']:.0f} s ({s.get('slices_per_s', 0):.1f} slices/s"
+                + (f", effective rank {rank:.1f}" if rank is not None else "")
+                + f"); training state in {s['state']}."
+            )
+    return 0
 
 
 # ------------------------------------------------------------------- predict
@@ -490,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_info(sub)
     _add_finetune(sub)
+    _add_pretrain(sub)
     _add_predict(sub)
     _add_evaluate(sub)
     _add_emphysema(sub)

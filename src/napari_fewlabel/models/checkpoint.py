@@ -7,6 +7,13 @@ safetensors metadata (string to string) the :class:`ModelCard` as JSON under
 files (zip or raw pickle) are recognised by their first bytes and refused with
 a message saying how to convert them.
 
+A pretrained *encoder* (what ``fewlabel pretrain`` writes and what ships in
+``models/weights/``) is a checkpoint with only the ``model.encoder.*``
+tensors, possibly stored as float16 (loading casts them back to float32),
+and ``"encoder_only": true`` in its card's architecture. Fine-tuning starts
+from it (:func:`load_encoder_weights`); :func:`load_checkpoint` refuses it,
+since it cannot segment anything before it has been fine-tuned.
+
 Writes are atomic: the file is written next to its destination under a
 temporary name, flushed to disk, then renamed over the destination with
 ``os.replace``, so a crash or a cancelled job never leaves half a checkpoint.
@@ -39,6 +46,8 @@ CARD_KEY = "napari_fewlabel.card"
 #: safetensors metadata key of the optimizer's hyper-parameters (JSON), when saved.
 OPTIMIZER_KEY = "napari_fewlabel.optimizer"
 CARD_FORMAT_VERSION = 1
+#: key in a card's ``architecture`` marking a checkpoint that holds only an encoder.
+ENCODER_ONLY_KEY = "encoder_only"
 
 _MODEL_PREFIX = "model."
 _OPTIMIZER_PREFIX = "optimizer."
@@ -186,22 +195,31 @@ def save_checkpoint(
         raise FewLabelError(
             f"Save models as .safetensors files, not {path.name!r}: e.g. --out model.safetensors"
         )
-    tensors = {
-        _MODEL_PREFIX + k: v.detach().to("cpu").contiguous()
-        for k, v in network.state_dict().items()
-    }
+    tensors = {_MODEL_PREFIX + k: v for k, v in network.state_dict().items()}
     metadata = {CARD_KEY: card.to_json(), "format": "napari-fewlabel"}
     if optimizer is not None:
         opt_tensors, opt_meta = _optimizer_to_tensors(optimizer.state_dict())
         tensors.update(opt_tensors)
         metadata[OPTIMIZER_KEY] = json.dumps(opt_meta)
+    return write_safetensors(path, tensors, metadata)
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> Path:
+    """Write tensors and string metadata to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
     if not path.parent.is_dir():
         raise FewLabelError(
             f"Folder {path.parent} does not exist: create it or choose another --out."
         )
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(
+            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata=dict(metadata),
+        )
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -214,6 +232,47 @@ def save_checkpoint(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def is_encoder_only(card: ModelCard) -> bool:
+    """Whether the checkpoint of ``card`` holds only a (pretrained) encoder."""
+    return bool(card.architecture.get(ENCODER_ONLY_KEY, False))
+
+
+def save_encoder_checkpoint(
+    path: str | os.PathLike[str],
+    encoder: torch.nn.Module,
+    card: ModelCard,
+    *,
+    half: bool = False,
+) -> Path:
+    """Write a pretrained encoder: its tensors under ``model.encoder.*`` and ``card``.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination ``.safetensors``.
+    encoder : torch.nn.Module
+        The :class:`~napari_fewlabel.models.unet2d.Encoder`.
+    card : ModelCard
+        Must be marked encoder-only (:data:`ENCODER_ONLY_KEY`).
+    half : bool
+        Store floating-point tensors as float16 (half the size; loading into
+        a float32 network casts them back).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise FewLabelError(
+            f"Save models as .safetensors files, not {path.name!r}: e.g. --out encoder.safetensors"
+        )
+    if not is_encoder_only(card):
+        raise ValueError("an encoder checkpoint needs a card marked encoder_only")
+    tensors = {}
+    for key, value in encoder.state_dict().items():
+        if half and value.is_floating_point():
+            value = value.half()
+        tensors[f"{_MODEL_PREFIX}encoder.{key}"] = value
+    return write_safetensors(path, tensors, {CARD_KEY: card.to_json(), "format": "napari-fewlabel"})
 
 
 def _optimizer_to_tensors(
@@ -291,6 +350,12 @@ def load_checkpoint(
     """
     path = Path(path)
     card = read_card(path)
+    if is_encoder_only(card):
+        raise FewLabelError(
+            f"{path.name} is a pretrained encoder, not a segmentation model: fine-tune it on "
+            f"your labelled slices first (`fewlabel finetune IMAGE LABELS --model {path.stem} "
+            "--out model.safetensors`) and use the model that writes."
+        )
     network = build_network(card)
     state = _read_prefixed(path, _MODEL_PREFIX)
     try:
@@ -320,6 +385,17 @@ def load_optimizer_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     for index, scalars in meta.get("scalars", {}).items():
         state.setdefault(int(index), {}).update(scalars)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def read_model_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The ``model.*`` tensors of a checkpoint (prefix removed), as stored, without a network.
+
+    For checkpoints whose "network" is not a :class:`TwoStreamUNet`, such as a
+    pretraining job's training state.
+    """
+    path = Path(path)
+    check_not_pickle(path)
+    return _read_prefixed(path, _MODEL_PREFIX)
 
 
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -5,6 +5,10 @@ user's model folder (:func:`user_model_dir`, e.g.
 ``~/.local/share/napari-fewlabel/models`` on Linux) first, so a user can
 replace a shipped model, then in the package's ``models/weights/`` folder.
 Anything that is an existing file path is used as it is.
+
+:func:`default_encoder` names the pretrained encoder fine-tuning starts from
+when the user gives no model (one of the shipped encoders, see
+``docs/model-cards/``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ from typing import Literal
 
 import platformdirs
 
+from napari_fewlabel.data.normalization import NormalizationConfig
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.volume import Modality
+from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
 
 #: Starter weights that ship inside the package.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "weights"
 MODEL_SUFFIX = ".safetensors"
+#: The shipped encoder that won the pretrained-vs-random benchmark (benchmarks/pretraining.py).
+DEFAULT_ENCODER = "ideal-encoder"
 
 
 def user_model_dir() -> Path:
@@ -78,3 +87,24 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
         f"No model file or named model {str(name_or_path)!r}. Known names: {known}. "
         f"Give a path to a .safetensors file, or copy one into {user_model_dir()}."
     )
+
+
+def default_encoder(modality: Modality) -> Path | None:
+    """The pretrained encoder to fine-tune a ``modality`` scan from, or None for random init.
+
+    :data:`DEFAULT_ENCODER` (a user's model of that name replaces the shipped
+    one), provided it is a pretrained encoder whose card's normalisation is
+    the one fine-tuning applies to ``modality`` -- fine-tuning normalises the
+    scan as the starting model's card says, so an encoder whose card says MR
+    normalisation is not offered for CT.
+    """
+    try:
+        path = resolve_model(DEFAULT_ENCODER)
+        card = read_card(path)
+    except FewLabelError:
+        return None
+    if not is_encoder_only(card):
+        return None
+    if card.normalization != NormalizationConfig.for_modality(modality):
+        return None
+    return path
