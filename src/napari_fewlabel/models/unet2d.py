@@ -55,7 +55,7 @@ class UNetConfig:
         Normalisation layer; both work with batch size 1.
     """
 
-    in_slices: int = 3
+    in_slices: int = 1
     num_classes: int = 2
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     full_res_width: int = 8
