@@ -58,7 +58,13 @@ from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import ModelCard, SegmentationModel, load_checkpoint
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train.events import Done
-from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, FinetuneSettings, run
+from napari_fewlabel.train.finetune import (
+    DEFAULT_STEPS,
+    RANDOM_INIT,
+    FinetuneJob,
+    FinetuneSettings,
+    run,
+)
 
 CLASS_NAMES = ("background", "grey matter", "white matter")
 
@@ -182,7 +188,8 @@ def train_ours(
         labels=partial,
         out=workdir / f"{method}.safetensors",
         classes=named_classes(CLASS_NAMES),
-        model=encoder if method == "pretrained" else None,
+        # "pretrained": --encoder, else the shipped default; every other row: random init.
+        model=encoder if method == "pretrained" else RANDOM_INIT,
         axis=0,
         steps=steps * multiplier,
         device="cpu",

@@ -34,7 +34,9 @@ def small_network(monkeypatch):
     )
 
 
-def test_pretrain_writes_encoder_and_state_and_resumes(scan_folder, tmp_path, capsys, small_network):
+def test_pretrain_writes_encoder_and_state_and_resumes(
+    scan_folder, tmp_path, capsys, small_network
+):
     out = tmp_path / "enc.safetensors"
     args = ["pretrain", str(scan_folder), "--method", "medmoco", "--out", str(out),
             "--batch-size", "8", "--view-size", "32", "--slice-size", "64", "--device", "cpu",

@@ -226,7 +226,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("labels", type=Path, help="label map on the same grid (NIfTI)")
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
-    p.add_argument("--model", help="start from this model (name or path); default: random init")
+    p.add_argument(
+        "--model",
+        help="start from this model (name or path), or 'random'; default: the shipped "
+        "pretrained encoder when it suits the scan, else random (`fewlabel models` lists them)",
+    )
     p.add_argument("--steps", type=int, help="training steps (default: %(default)s)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -305,9 +309,13 @@ class _ProgressBar:
         self.tty = stream.isatty()
         self.last_decile = -1
         self.open_line = False
+        self.started = time.monotonic()
 
     def update(self, event: Any) -> None:
         frac = event.step / max(1, event.total)
+        if event.eta_s is not None:  # a time budget can end a run long before its steps
+            elapsed = time.monotonic() - self.started
+            frac = max(frac, elapsed / max(1e-9, elapsed + event.eta_s))
         filled = round(self.width * frac)
         parts = [
             f"[{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}",
@@ -577,6 +585,44 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else round(float(value), 4)
 
 
+# ------------------------------------------------------------------ models
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the named models (shipped encoders and your own) and where they live",
+        description="List the models that --model and the napari widget know by name: the "
+        "encoders shipped with napari-fewlabel and the .safetensors files in your model folder.",
+    )
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
+    from napari_fewlabel.models.registry import DEFAULT_ENCODER, list_models, user_model_dir
+
+    print(f"your model folder: {user_model_dir()}")
+    entries = list_models()
+    if not entries:
+        print("no named models yet")
+        return 0
+    print(f"{'name':<24} {'source':<8} {'kind':<22} {'modality':<8} classes")
+    for entry in entries:
+        try:
+            card = read_card(entry.path)
+        except FewLabelError as exc:
+            print(f"{entry.name:<24} {entry.source:<8} unreadable: {exc}")
+            continue
+        if is_encoder_only(card):
+            kind = "pretrained encoder" + (" *" if entry.name == DEFAULT_ENCODER else "")
+            classes = "-"
+        else:
+            kind = "segmentation model"
+            classes = ", ".join(card.class_names[1:])
+        print(f"{entry.name:<24} {entry.source:<8} {kind:<22} {card.modality:<8} {classes}")
+    print("* fine-tuning starts from this encoder unless --model says otherwise")
+    return 0
+
+
 # ---------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -593,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_evaluate(sub)
     _add_emphysema(sub)
+    _add_models(sub)
     return parser
 
 

@@ -47,15 +47,19 @@ def folders(tmp_path, monkeypatch):
     return user, shipped
 
 
-def test_default_encoder_only_for_the_modality_its_card_normalises(folders):
+def test_default_encoder_serves_the_modalities_it_was_pretrained_on(folders):
     _, shipped = folders
     assert registry.default_encoder("MR") is None  # nothing shipped
     encoder = Encoder(UNetConfig(widths=(8, 16), full_res_width=4))
     path = shipped / f"{registry.DEFAULT_ENCODER}.safetensors"
+    # Pretrained on MR and CT (each scan normalised by its own modality): serves both.
     save_encoder_checkpoint(path, encoder, _card("unknown"))
     assert registry.default_encoder("MR") == path
+    assert registry.default_encoder("CT") == path
+    # Pretrained on MR only: not offered for CT.
+    save_encoder_checkpoint(path, encoder, _card("MR"))
+    assert registry.default_encoder("MR") == path
     assert registry.default_encoder("unknown") == path
-    # Fine-tuning would normalise a CT the way this card says (MR percentiles): not offered.
     assert registry.default_encoder("CT") is None
 
 

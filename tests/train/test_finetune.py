@@ -251,3 +251,61 @@ def test_settings_validation_and_paper_differences():
         FinetuneSettings(confidence_threshold=1.5)
     with pytest.raises(FewLabelError, match="Batch sizes"):
         FinetuneSettings(batch_labelled=0)
+
+
+@pytest.fixture
+def install_default_encoder(make_job, tmp_path, monkeypatch):
+    """Install a pretrained encoder (for the jobs' network) under the default name."""
+    from napari_fewlabel.data.classes import default_classes
+    from napari_fewlabel.data.normalization import NormalizationConfig
+    from napari_fewlabel.models import registry
+    from napari_fewlabel.models.checkpoint import (
+        ENCODER_ONLY_KEY,
+        ModelCard,
+        save_encoder_checkpoint,
+    )
+    from napari_fewlabel.models.unet2d import Encoder
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(registry, "SHIPPED_MODEL_DIR", shipped)
+    monkeypatch.setattr(registry, "user_model_dir", lambda: tmp_path / "user")
+    path = shipped / f"{registry.DEFAULT_ENCODER}.safetensors"
+    arch = make_job().architecture
+
+    def install(modality):
+        card = ModelCard(
+            architecture={**arch.to_dict(), ENCODER_ONLY_KEY: True},
+            classes=default_classes(2),
+            modality=modality,
+            normalization=NormalizationConfig.for_modality(modality),
+            input_size=(64, 64),
+        )
+        torch.manual_seed(1)
+        save_encoder_checkpoint(path, Encoder(arch), card)
+        return path
+
+    return install
+
+
+def _started_from(events):
+    return load_checkpoint(events[-1].checkpoint).card.training["started_from"]
+
+
+def test_default_start_is_the_shipped_encoder_when_it_suits_the_scan(
+    make_job, install_default_encoder
+):
+    # A CT-only encoder and the MR phantom: random start.
+    install_default_encoder("CT")
+    assert _started_from(_events(make_job(steps=1))) == "random initialisation"
+    # Pretrained on MR and CT: serves the MR scan, which is still normalised as MR
+    # (pretraining normalised each scan by its own modality).
+    path = install_default_encoder("unknown")
+    events = _events(make_job(steps=1))
+    assert _started_from(events) == f"{path.name} (encoder)"
+    assert read_card(events[-1].checkpoint).normalization.method == "percentile_zscore"
+    # "random" asks for a random start even so; so does another architecture.
+    assert _started_from(_events(make_job(steps=1, model="random"))) == "random initialisation"
+    other = replace(make_job().architecture, widths=(8, 16))
+    events = _events(make_job(steps=1, architecture=other))
+    assert _started_from(events) == "random initialisation"

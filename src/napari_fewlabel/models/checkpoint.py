@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from napari_fewlabel import __version__
 from napari_fewlabel.data.classes import SegmentationClass, check_classes
 from napari_fewlabel.data.normalization import NormalizationConfig
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.atomic import atomic_path
 from napari_fewlabel.io.volume import Modality
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
 
@@ -209,28 +209,20 @@ def write_safetensors(
 ) -> Path:
     """Write tensors and string metadata to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise FewLabelError(
-            f"Folder {path.parent} does not exist: create it or choose another --out."
-        )
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(
-            {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata=dict(metadata),
-        )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FewLabelError(
-            f"Cannot write {path}: {e.strerror or e}. Choose a folder you can write to "
-            "with free space."
-        ) from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        try:
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata=dict(metadata),
+            )
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise FewLabelError(
+                f"Cannot write {path}: {e.strerror or e}. Choose a folder you can write to "
+                "with free space."
+            ) from e
     return path
 
 

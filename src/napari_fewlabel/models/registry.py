@@ -20,7 +20,6 @@ from typing import Literal
 
 import platformdirs
 
-from napari_fewlabel.data.normalization import NormalizationConfig
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Modality
 from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
@@ -93,10 +92,11 @@ def default_encoder(modality: Modality) -> Path | None:
     """The pretrained encoder to fine-tune a ``modality`` scan from, or None for random init.
 
     :data:`DEFAULT_ENCODER` (a user's model of that name replaces the shipped
-    one), provided it is a pretrained encoder whose card's normalisation is
-    the one fine-tuning applies to ``modality`` -- fine-tuning normalises the
-    scan as the starting model's card says, so an encoder whose card says MR
-    normalisation is not offered for CT.
+    one), provided it is a pretrained encoder that has seen scans of this
+    modality: pretraining normalises every scan by its own modality (as
+    fine-tuning does), so an encoder pretrained on MR and CT (card modality
+    ``"unknown"``) serves both, and one pretrained on MR only is not offered
+    for CT.
     """
     try:
         path = resolve_model(DEFAULT_ENCODER)
@@ -105,6 +105,6 @@ def default_encoder(modality: Modality) -> Path | None:
         return None
     if not is_encoder_only(card):
         return None
-    if card.normalization != NormalizationConfig.for_modality(modality):
+    if card.modality not in ("unknown", modality) and modality != "unknown":
         return None
     return path

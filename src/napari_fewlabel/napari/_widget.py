@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -50,6 +50,7 @@ from napari_fewlabel.napari._layers import labels_layer_data, volume_from_layer
 from napari_fewlabel.napari._plot import LinePlot
 from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
 from napari_fewlabel.train.events import Done, Notice, Progress
+from napari_fewlabel.train.finetune import RANDOM_INIT
 
 if TYPE_CHECKING:
     import napari
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 #: layer.metadata key holding the classes of an annotation layer made here.
 CLASSES_KEY = "fewlabel_classes"
 FROM_FILE = "From file..."
+DEFAULT_START = "default (pretrained encoder)"
 RANDOM_START = "none (random initialisation)"
 DEFAULT_STEPS = 300
 
@@ -150,9 +152,17 @@ class FinetuneWidget(QWidget):
         box = QGroupBox("3. Model and device")
         form = QFormLayout(box)
         self.model_combo = QComboBox()
+        # None: the job picks the shipped pretrained encoder when it suits the scan.
+        self.model_combo.addItem(DEFAULT_START, None)
+        self.model_combo.setItemData(
+            0,
+            "The shipped pretrained encoder for the scan's modality, or a random start "
+            "when there is none.",
+            Qt.ItemDataRole.ToolTipRole,
+        )
         for entry in list_models():
             self.model_combo.addItem(entry.name, str(entry.path))
-        self.model_combo.addItem(RANDOM_START, None)
+        self.model_combo.addItem(RANDOM_START, RANDOM_INIT)
         self.model_combo.addItem(FROM_FILE, FROM_FILE)
         self.model_combo.activated.connect(self._on_model_activated)
         self.device_combo = QComboBox()
@@ -365,6 +375,7 @@ class FinetuneWidget(QWidget):
         self.model_combo.setCurrentIndex(0)
 
     def _selected_model(self) -> str | None:
+        """What 'Start from' says: a model path, RANDOM_INIT, or None for the default."""
         data = self.model_combo.currentData()
         return None if data in (None, FROM_FILE) else str(data)
 
@@ -477,7 +488,7 @@ class FinetuneWidget(QWidget):
     def _model_to_predict_with(self) -> str | None:
         """The model chosen in 'Start from', else the one fine-tuned in this session."""
         selected = self._selected_model()
-        if selected is not None:
+        if selected is not None and selected != RANDOM_INIT:
             return selected
         return None if self._checkpoint is None else str(self._checkpoint)
 

@@ -57,13 +57,14 @@ from napari_fewlabel.losses.cross_pseudo_supervision import (
 from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import (
     ModelCard,
+    is_encoder_only,
     load_checkpoint,
     load_encoder_weights,
     load_optimizer_state,
     read_card,
     save_checkpoint,
 )
-from napari_fewlabel.models.registry import resolve_model
+from napari_fewlabel.models.registry import default_encoder, resolve_model
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
 from napari_fewlabel.train.device import (
     autocast,
@@ -76,6 +77,8 @@ from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progre
 
 #: Default number of steps: about 4-5 minutes on 2 CPU cores for 256x256 slices.
 DEFAULT_STEPS = 300
+#: ``FinetuneJob.model`` value that asks for a random start instead of the default encoder.
+RANDOM_INIT = "random"
 
 T = TypeVar("T")
 
@@ -211,7 +214,10 @@ class FinetuneJob:
         Names and colours; default: ``0..max(labels)`` named ``class i``.
     model : str or Path, optional
         Model to start from (registry name or path). Its encoder is reused;
-        its decoders too when the classes match. Default: random initialisation.
+        its decoders too when the classes match. Default (None): the shipped
+        pretrained encoder (:func:`~napari_fewlabel.models.registry.default_encoder`)
+        when one is installed and fits ``architecture``, else a random
+        initialisation; :data:`RANDOM_INIT` (``"random"``) asks for random.
     resume_from : Path, optional
         A checkpoint written by an earlier run of this job to continue from
         (weights, optimizer and step count).
@@ -275,6 +281,20 @@ class _Prepared:
     unlabelled_pool: list[tuple[int, int]]  # (stack index, slice index)
     notices: list[Notice]
     start_card: ModelCard | None
+    start: str | Path | None  # the model training starts from (None: random)
+
+
+def starting_model(job: FinetuneJob) -> str | Path | None:
+    """The model ``job`` starts from: its own, the default encoder, or None (random)."""
+    if job.model is not None:
+        return None if str(job.model) == RANDOM_INIT else job.model
+    path = default_encoder(job.image.modality)
+    if path is None:
+        return None
+    encoder_arch = UNetConfig.from_dict(read_card(path).architecture)
+    if replace(encoder_arch, num_classes=job.architecture.num_classes) != job.architecture:
+        return None  # pretrained for another network than the one asked for
+    return path
 
 
 def _check_labels(job: FinetuneJob) -> np.ndarray:
@@ -336,7 +356,8 @@ def _prepare(job: FinetuneJob) -> _Prepared:
     notices: list[Notice] = []
     labels = _check_labels(job)
     start_card = None
-    source = job.resume_from if job.resume_from is not None else job.model
+    start = starting_model(job)
+    source = job.resume_from if job.resume_from is not None else start
     if source is not None:
         start_card = read_card(resolve_model(source))
     classes = _choose_classes(job, int(labels.max()), start_card)
@@ -375,17 +396,25 @@ def _prepare(job: FinetuneJob) -> _Prepared:
             )
         )
 
-    if start_card is not None:
+    if start_card is not None and not is_encoder_only(start_card):
+        # A segmentation model: see the scan exactly as it was trained to.
         normalization = start_card.normalization
         architecture = replace(
             UNetConfig.from_dict(start_card.architecture), num_classes=len(classes)
         )
         input_size = start_card.input_size
     else:
+        # Random start, or a pretrained encoder: pretraining normalised every scan
+        # by its own modality as below, and an encoder is indifferent to input size.
+        if start_card is not None:
+            architecture = replace(
+                UNetConfig.from_dict(start_card.architecture), num_classes=len(classes)
+            )
+        else:
+            architecture = replace(job.architecture, num_classes=len(classes))
         normalization = NormalizationConfig.for_modality(
             job.image.modality, window_hu=job.ct_window_hu
         )
-        architecture = replace(job.architecture, num_classes=len(classes))
         slice_shape = tuple(s for a, s in enumerate(job.image.shape) if a != axis)
         input_size = choose_input_size(
             (slice_shape[0], slice_shape[1]),
@@ -427,6 +456,7 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         unlabelled_pool=pool,
         notices=notices,
         start_card=start_card,
+        start=start,
     )
 
 
@@ -602,15 +632,16 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         started_from = str(resumed.card.training.get("started_from", started_from))
         optimizer_state = load_optimizer_state(resolve_model(job.resume_from))
         yield Notice(f"Resuming from {Path(job.resume_from).name} at step {step0}.")
-    elif job.model is not None:
-        path = resolve_model(job.model)
+    elif data.start is not None:
+        path = resolve_model(data.start)
+        name = Path(data.start).name if job.model is None else str(job.model)
         assert data.start_card is not None
-        if data.start_card.classes == data.classes:
+        if not is_encoder_only(data.start_card) and data.start_card.classes == data.classes:
             network.load_state_dict(load_checkpoint(path).network.state_dict())
-            started_from = f"{job.model} (all weights)"
+            started_from = f"{name} (all weights)"
         else:
             load_encoder_weights(network, path)
-            started_from = f"{job.model} (encoder)"
+            started_from = f"{name} (encoder)"
         yield Notice(f"Starting from {started_from}.")
     network.to(device).train()
 
