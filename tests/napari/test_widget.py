@@ -239,3 +239,38 @@ def test_sample_data_opens_with_its_truth_hidden(make_napari_viewer):
     assert truth.visible is False
     assert truth.data.shape == image.data.shape
     assert set(np.unique(truth.data)) == {0, 1, 2, 3, 4, 5}
+
+
+def test_the_event_loop_keeps_running_while_training(
+    widget_with_scan, small_phantom, qtbot, record_property
+):
+    """A QTimer probe ticks every 10 ms while the widget trains; report the longest gap.
+
+    The figure is reported, not asserted (timings belong in benchmarks/gui_responsiveness.py);
+    what is asserted is that the event loop went on turning during training at all.
+    """
+    from qtpy.QtCore import QElapsedTimer, QTimer
+
+    _, widget = widget_with_scan
+    _paint(widget.new_annotation_layer(), small_phantom.labels.array)
+    widget.steps_spin.setValue(40)
+    clock = QElapsedTimer()
+    ticks: list[float] = []
+    probe = QTimer()
+    probe.setInterval(10)
+    probe.timeout.connect(lambda: ticks.append(clock.nsecsElapsed() / 1e6))
+    steps_seen: list[int] = []
+    widget.runner.job_event.connect(
+        lambda e: steps_seen.append(e.step) if isinstance(e, Progress) else None
+    )
+    clock.start()
+    probe.start()
+    assert widget.start()
+    _wait_done(qtbot, widget)
+    probe.stop()
+    assert steps_seen and steps_seen[-1] == 40
+    gaps = np.diff(ticks) - 10.0
+    record_property("longest_event_loop_gap_ms", round(float(gaps.max()), 1))
+    print(f"longest event-loop gap while training: {gaps.max():.1f} ms over {len(ticks)} ticks")
+    # Ticks arrived between the training steps, not only before and after the job.
+    assert len(ticks) > 2 * len(steps_seen)

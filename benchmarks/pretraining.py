@@ -1,0 +1,186 @@
+"""Pretraining: does the shipped encoder help, does decorrelation fight collapse, how fast.
+
+    python benchmarks/pretraining.py > pretraining.json      # about 40 minutes on 2 CPU cores
+
+Three parts, one JSON document on stdout (rows also go to ``--results`` as JSON
+lines, so an interrupted run resumes):
+
+1. ``annotation_efficiency``: the table of ``benchmarks/annotation_efficiency.py``
+   (MNI152 T1 at 2 mm, GM/WM, Dice on every unlabelled axial slice) for the
+   product's default fine-tuning from a random initialisation and from each
+   shipped encoder, at k = 1, 2, 4 labelled slices; same seeds, same steps.
+   The MNI152 template is not in the encoders' pretraining data.
+2. ``collapse``: the effective rank of the embeddings (train/collapse.py) after
+   the same short med-moco run with and without the decorrelation term.
+3. ``throughput``: pretraining slices per second of each method on this
+   machine's device (``--device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from annotation_efficiency import (
+    dice_on_unlabelled,
+    evenly_spread,
+    mni_volume,
+    train_ours,
+)
+
+from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.models.registry import SHIPPED_MODEL_DIR
+from napari_fewlabel.train.events import Done
+from napari_fewlabel.train.finetune import DEFAULT_STEPS
+from napari_fewlabel.train.pretrain import PretrainJob, PretrainSettings, run
+
+
+def public_archive() -> list[Path]:
+    """The scans the shipped encoders were pretrained on (scripts/pretrain_shipped_encoders.sh)."""
+    import dipy
+    import nibabel
+
+    data = Path.home() / ".cache/napari-fewlabel/test-data/pyradiomics"
+    scans = [
+        Path(nibabel.__file__).parent / "tests/data/anatomical.nii",
+        Path(dipy.__file__).parent / "data/files/S0_10slices.nii.gz",
+        data / "brain1_image.nrrd",
+        data / "brain2_image.nrrd",
+        data / "breast1_image.nrrd",
+        data / "lung2_image.nrrd",
+    ]
+    missing = [str(p) for p in scans if not p.exists()]
+    if missing:
+        raise SystemExit(f"missing {missing}: run `bash scripts/fetch_test_data.sh` first")
+    return scans
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def annotation_efficiency(
+    encoders: list[Path], ks: list[int], seeds: list[int], steps: int, results: Path, done: list
+) -> None:
+    image, truth = mni_volume(2)
+    starts: list[tuple[str, str | None]] = [("random init", None)]
+    starts += [(p.stem, str(p)) for p in encoders]
+    work = Path(tempfile.mkdtemp(prefix="fewlabel-pretraining-"))
+    for seed in seeds:
+        for k in ks:
+            labelled = evenly_spread(truth, k)
+            partial = np.zeros_like(truth)
+            partial[labelled] = truth[labelled]
+            for name, encoder in starts:
+                key = {"part": "annotation_efficiency", "start": name, "k": k, "seed": seed}
+                key["steps"] = steps
+                if any(all(r.get(f) == v for f, v in key.items()) for r in done):
+                    continue
+                method = "default" if encoder is None else "pretrained"
+                model, summary = train_ours(method, image, partial, steps, seed, encoder, work)
+                pred = predict_volume(model, image, axis=0, device="cpu")
+                row = {
+                    **key,
+                    "labelled_slices": labelled,
+                    "dice": dice_on_unlabelled(pred, truth, labelled),
+                    "train_seconds": summary.get("train_seconds"),
+                    "started_from": model.card.training.get("started_from"),
+                }
+                _append(results, row)
+                done.append(row)
+
+
+def _pretrain(settings: PretrainSettings, steps: int, device: str, seed: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        job = PretrainJob(
+            data=tuple(public_archive()),
+            out=Path(tmp) / "encoder.safetensors",
+            settings=settings,
+            steps=steps,
+            device=device,
+            seed=seed,
+            checkpoint_every=10**9,
+        )
+        final = None
+        for event in run(job):
+            if isinstance(event, Done):
+                final = event
+        assert final is not None
+        return dict(final.summary)
+
+
+def collapse_and_throughput(steps: int, device: str, seed: int, results: Path, done: list) -> None:
+    medmoco = PretrainSettings.for_method("medmoco")
+    runs = {
+        "medmoco": medmoco,
+        "medmoco without decorrelation": replace(medmoco, decorrelation_weight=0.0),
+        "ideal": PretrainSettings.for_method("ideal"),
+    }
+    for name, settings in runs.items():
+        key = {"part": "pretraining", "run": name, "steps": steps, "device": device}
+        if any(all(r.get(f) == v for f, v in key.items()) for r in done):
+            continue
+        start = time.perf_counter()
+        summary = _pretrain(settings, steps, device, seed)
+        row = {
+            **key,
+            "decorrelation_weight": settings.decorrelation_weight,
+            "effective_rank": summary.get("effective_rank"),
+            "effective_rank_projection": summary.get("effective_rank_projection"),
+            "slices_per_s": summary.get("slices_per_s"),
+            "final_losses": summary.get("final_losses"),
+            "device_used": summary.get("device"),
+            "wall_seconds": round(time.perf_counter() - start, 1),
+        }
+        _append(results, row)
+        done.append(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps")
+    parser.add_argument(
+        "--encoders",
+        type=Path,
+        nargs="+",
+        default=sorted(SHIPPED_MODEL_DIR.glob("*-encoder.safetensors")),
+    )
+    parser.add_argument("--pretrain-steps", type=int, default=100, help="per collapse run")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", type=Path, default=Path("pretraining.jsonl"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("finetune", "pretrain"))
+    args = parser.parse_args()
+    done: list[dict[str, Any]] = []
+    if args.results.exists():
+        done = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    if "finetune" not in args.skip:
+        annotation_efficiency(args.encoders, args.k, args.seeds, args.steps, args.results, done)
+    if "pretrain" not in args.skip:
+        collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)
+    report = {
+        "machine": f"{torch.get_num_threads()} torch threads, device {args.device}",
+        "annotation_efficiency": {
+            "data": "MNI152 2009c T1 at 2 mm; GM/WM; Dice on all unlabelled axial slices",
+            "rows": [r for r in done if r["part"] == "annotation_efficiency"],
+        },
+        "pretraining": [r for r in done if r["part"] == "pretraining"],
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
