@@ -172,3 +172,17 @@ def test_distributed_sampler_splits_items_between_ranks(tmp_path):
     items = [{item for _, item in pairs} for pairs in per_rank]
     assert not items[0] & items[1]
     assert len(items[0] | items[1]) >= len(blocks) - 1
+
+
+def test_survey_names_every_scans_modality_without_caching_voxels(tmp_path):
+    # What the model card lists, even when data-loading workers did all the loading.
+    ct = np.full((24, 20, 16), -1000, dtype=np.int16)
+    ct[4:20, 4:16, 2:14] = 40
+    paths = [_nifti(tmp_path / "mr.nii.gz", _head()), _nifti(tmp_path / "ct.nii.gz", ct)]
+    archive = SliceArchive(paths, slice_size=32)
+    assert archive.modalities() == {}
+    surveyed = archive.survey()
+    assert surveyed == {str(paths[0]): load_volume(paths[0]).modality, str(paths[1]): "CT"}
+    assert surveyed[str(paths[0])] != "CT"
+    assert archive.cached_scans == 0
+    assert [d["modality"] for d in archive.describe()] == [surveyed[str(p)] for p in paths]

@@ -266,6 +266,22 @@ class SliceArchive:
         """Modality of each scan loaded so far, by path."""
         return {str(self.scans[i].path): m for i, (_, m) in self._mappings.items()}
 
+    def survey(self) -> dict[str, Modality]:
+        """Modality of every scan, reading once (one at a time, not cached) those not loaded yet.
+
+        Data-loading workers load scans in their own processes, so the process
+        that writes the model card may have loaded none; the card must still
+        say what the encoder was trained on.
+        """
+        for i, scan in enumerate(self.scans):
+            if i not in self._mappings:
+                volume = load_volume(scan.path)
+                config = NormalizationConfig.for_modality(
+                    volume.modality, window_hu=self.ct_window_hu
+                )
+                self._mappings[i] = (fit_intensity(volume.array, config), volume.modality)
+        return self.modalities()
+
     def _load(self, scan: int) -> _Loaded:
         if scan in self._cache:
             self._cache.move_to_end(scan)

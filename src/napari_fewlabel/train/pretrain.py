@@ -644,7 +644,7 @@ def _train(
         return min(1.0, p)
 
     def card_for(steps_done: int) -> ModelCard:
-        modalities = archive.modalities()
+        modalities = archive.survey()
         modality = _card_modality(modalities)
         normalization = NormalizationConfig.for_modality(modality, window_hu=job.ct_window_hu)
         return ModelCard(
