@@ -18,7 +18,7 @@ Prints one JSON document:
     python benchmarks/speed.py > speed.json
 
 lung1 comes from the pyradiomics 3.0.1 source archive (see DATA.md); pass
-its path with ``--lung1`` (default /tmp/fx/pyradiomics-3.0.1/data/lung1_image.nrrd).
+its path with ``--lung1`` (default: where ``scripts/fetch_test_data.sh`` puts it).
 """
 
 from __future__ import annotations
@@ -300,7 +300,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument(
-        "--lung1", type=Path, default=Path("/tmp/fx/pyradiomics-3.0.1/data/lung1_image.nrrd")
+        "--lung1",
+        type=Path,
+        default=Path.home() / ".cache/napari-fewlabel/test-data/pyradiomics/lung1_image.nrrd",
     )
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
