@@ -9,6 +9,8 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 * ``fewlabel pretrain DATA... --method ideal|medmoco --out encoder.safetensors`` --
   self-supervised pretraining of the encoder on unlabelled scans (also under
   ``torchrun --nproc_per_node=N``).
+* ``fewlabel adapt SOURCE_MODEL --target CT... --source MRI... --out adapted.safetensors`` --
+  adapt an MRI model to CT without CT labels (Dou et al. 2018).
 * ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
 * ``fewlabel emphysema CT --out DIR`` -- lung masks and %LAA-950 of a chest CT.
 * ``fewlabel evaluate PRED TRUTH`` -- Dice, HD95 and ASD per class (table + JSON).
@@ -237,6 +239,16 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: inferred)")
     p.add_argument("--classes", help="comma-separated class names, background first")
     p.add_argument("--extra-unlabelled", type=Path, nargs="*", default=[], metavar="IMAGE")
+    p.add_argument(
+        "--extra-labelled",
+        type=Path,
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("IMAGE", "LABELS"),
+        help="another labelled scan of the same kind (repeat for more), e.g. to train an MRI "
+        "source model for `fewlabel adapt` on several volumes",
+    )
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an earlier run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-input-side", type=int, default=256)
@@ -262,6 +274,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     image = load_volume(args.image)
     labels = load_volume(args.labels)
     extra = tuple(load_volume(p) for p in args.extra_unlabelled)
+    extra_labelled = tuple((load_volume(i), load_volume(lab)) for i, lab in args.extra_labelled)
     classes = None
     if args.classes:
         classes = named_classes([n.strip() for n in args.classes.split(",")])
@@ -280,6 +293,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         settings=settings,
         max_input_side=args.max_input_side,
         extra_unlabelled=extra,
+        extra_labelled=extra_labelled,
     )
     bar = _ProgressBar(sys.stderr)
     for event in run(job):
@@ -317,10 +331,15 @@ class _ProgressBar:
             elapsed = time.monotonic() - self.started
             frac = max(frac, elapsed / max(1e-9, elapsed + event.eta_s))
         filled = round(self.width * frac)
-        parts = [
-            f"[{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}",
-            f"loss {event.losses.get('total', float('nan')):.3f}",
-        ]
+        parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}"]
+        if "wasserstein" in event.losses:  # adaptation: the critic's estimate and the DAM loss
+            parts.append(f"Wasserstein {event.losses['wasserstein']:.3f}")
+            if "dam" in event.losses:
+                parts.append(f"DAM loss {event.losses['dam']:.3f}")
+            elif event.extra.get("warmup"):
+                parts.append("critic warm-up")
+        else:
+            parts.append(f"loss {event.losses.get('total', float('nan')):.3f}")
         if event.val_dice is not None:
             parts.append(f"val Dice {event.val_dice:.3f}")
         if "effective_rank" in event.extra:
@@ -448,6 +467,108 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
                 + f"); training state in {s['state']}."
             )
     return 0
+
+
+# --------------------------------------------------------------------- adapt
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="adapt an MRI segmentation model to CT without CT labels",
+        description="Unsupervised MRI -> CT adaptation (Dou et al. 2018): a trainable copy of "
+        "the source model's first encoder stages is trained against a Wasserstein domain critic "
+        "on unlabelled CT, the other layers stay frozen. Writes an ordinary CT model to --out "
+        "(use it with `fewlabel predict` or as --model of `fewlabel finetune`) and the training "
+        "state next to it (<name>.state.safetensors, for --resume).",
+    )
+    p.add_argument("source_model", help="the MRI model (name or .safetensors path)")
+    p.add_argument(
+        "--target", nargs="+", type=Path, required=True, metavar="CT", help="CT scans (HU)"
+    )
+    p.add_argument(
+        "--source",
+        nargs="*",
+        type=Path,
+        default=[],
+        metavar="MRI",
+        help="MRI scans like the ones the model was trained on (no labels needed); default: "
+        "the scan named in the model card",
+    )
+    p.add_argument("--out", type=Path, required=True, help="adapted model to write (.safetensors)")
+    p.add_argument("--steps", type=int, help="joint updates, warm-up included (default: 300)")
+    p.add_argument("--warmup", type=int, metavar="STEPS", help="critic-only steps at the start")
+    p.add_argument("--critic-updates", type=int, help="critic updates per DAM update (20)")
+    p.add_argument("--dam-stages", type=int, help="encoder stages to adapt (default: all)")
+    p.add_argument(
+        "--objective",
+        choices=("clip", "gp"),
+        default="clip",
+        help="clip: WGAN with weight clipping (paper); gp: WGAN-GP",
+    )
+    p.add_argument(
+        "--target-normalization",
+        choices=("ct_window", "percentile_zscore"),
+        default="ct_window",
+        help="CT intensities into the adapted model: HU window (default) or per-volume z-score",
+    )
+    p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an earlier run")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from napari_fewlabel.train.adapt import DEFAULT_STEPS, AdaptJob, AdaptSettings, run
+    from napari_fewlabel.train.events import Done, Notice, Progress
+
+    if args.steps is not None and args.steps < 1:
+        raise FewLabelError(f"--steps must be at least 1, got {args.steps}.")
+    changes = {
+        "warmup_steps": args.warmup,
+        "critic_updates": args.critic_updates,
+        "dam_stages": args.dam_stages,
+    }
+    settings = replace(
+        AdaptSettings(objective=args.objective, target_normalization=args.target_normalization),
+        **{k: v for k, v in changes.items() if v is not None},
+    )
+    job = AdaptJob(
+        source_model=args.source_model,
+        target=tuple(_as_ct(load_volume(p)) for p in args.target),
+        source=tuple(load_volume(p) for p in args.source),
+        out=args.out,
+        resume_from=args.resume,
+        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+        device=args.device,
+        seed=args.seed,
+        settings=settings,
+    )
+    bar = _ProgressBar(sys.stderr)
+    for event in run(job):
+        if isinstance(event, Progress):
+            bar.update(event)
+        elif isinstance(event, Notice):
+            bar.message(("warning: " if event.level == "warning" else "") + event.message)
+        elif isinstance(event, Done):
+            bar.finish()
+            s = event.summary
+            w = s["final_losses"].get("wasserstein")
+            print(
+                f"Wrote {event.checkpoint} after {s['steps_done']} steps in "
+                f"{s['train_seconds']:.0f} s"
+                + (f"; Wasserstein estimate {w:.3f}" if w is not None else "")
+                + ". Predict CT with it: `fewlabel predict "
+                + f"{event.checkpoint} CT.nii.gz --out mask.nii.gz`."
+            )
+    return 0
+
+
+def _as_ct(volume: Any) -> Any:
+    """A --target scan whose modality could not be told from the file is taken as CT."""
+    return (
+        volume.with_array(volume.array, modality="CT") if volume.modality == "unknown" else volume
+    )
 
 
 # ------------------------------------------------------------------- predict
@@ -636,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_finetune(sub)
     _add_pretrain(sub)
+    _add_adapt(sub)
     _add_predict(sub)
     _add_evaluate(sub)
     _add_emphysema(sub)

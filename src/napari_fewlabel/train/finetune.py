@@ -241,6 +241,12 @@ class FinetuneJob:
         HU window for CT normalisation.
     extra_unlabelled : tuple of Volume
         More scans of the same kind for the unlabelled term.
+    extra_labelled : tuple of (Volume, Volume or ndarray)
+        More labelled scans of the same kind, as ``(image, labels)`` pairs on
+        one grid each: their labelled slices join the labelled pool (e.g. a
+        source model for MRI -> CT adaptation trained on several MRI volumes),
+        their other slices the unlabelled one. Validation slices are held out
+        from ``image`` only.
     checkpoint_every_s : float
         Seconds between intermediate checkpoints.
     """
@@ -261,6 +267,7 @@ class FinetuneJob:
     max_input_side: int = 256
     ct_window_hu: tuple[float, float] = (-300.0, 400.0)
     extra_unlabelled: tuple[Volume, ...] = ()
+    extra_labelled: tuple[tuple[Volume, Volume | np.ndarray], ...] = ()
     checkpoint_every_s: float = 60.0
 
 
@@ -278,6 +285,7 @@ class _Prepared:
     labelled: np.ndarray  # slice indices of stacks[0] used for training
     held_out: np.ndarray  # slice indices of stacks[0] held out for validation
     labels_by_slice: dict[int, torch.Tensor]  # slice index -> (H, W) int64
+    extra_labelled: list[tuple[int, int, torch.Tensor]]  # (stack index, slice index, labels)
     unlabelled_pool: list[tuple[int, int]]  # (stack index, slice index)
     notices: list[Notice]
     start_card: ModelCard | None
@@ -298,14 +306,18 @@ def starting_model(job: FinetuneJob) -> str | Path | None:
 
 
 def _check_labels(job: FinetuneJob) -> np.ndarray:
-    labels = job.labels
+    return _label_array(job.image, job.labels)
+
+
+def _label_array(image: Volume, labels: Volume | np.ndarray) -> np.ndarray:
+    """``labels`` as an int64 array after checking it fits ``image`` and is a label map."""
     if isinstance(labels, Volume):
-        if labels.shape != job.image.shape:
+        if labels.shape != image.shape:
             raise FewLabelError(
-                f"Labels shape {labels.shape} differs from the image shape {job.image.shape}: "
+                f"Labels shape {labels.shape} differs from the image shape {image.shape}: "
                 "draw the labels on this scan (same size along every axis)."
             )
-        if not np.allclose(labels.affine, job.image.affine, atol=1e-2):
+        if not np.allclose(labels.affine, image.affine, atol=1e-2):
             raise FewLabelError(
                 "The labels and the image are not on the same grid (their voxel-to-world "
                 "transforms differ): resample the labels onto the image, or draw them on it."
@@ -313,9 +325,9 @@ def _check_labels(job: FinetuneJob) -> np.ndarray:
         array = labels.array
     else:
         array = np.asarray(labels)
-        if array.shape != job.image.shape:
+        if array.shape != image.shape:
             raise FewLabelError(
-                f"Labels shape {array.shape} differs from the image shape {job.image.shape}: "
+                f"Labels shape {array.shape} differs from the image shape {image.shape}: "
                 "draw the labels on this scan (same size along every axis)."
             )
     if array.dtype.kind == "f":
@@ -360,7 +372,9 @@ def _prepare(job: FinetuneJob) -> _Prepared:
     source = job.resume_from if job.resume_from is not None else start
     if source is not None:
         start_card = read_card(resolve_model(source))
-    classes = _choose_classes(job, int(labels.max()), start_card)
+    extra_label_arrays = [_label_array(image, lab) for image, lab in job.extra_labelled]
+    max_label = max([int(labels.max())] + [int(a.max()) for a in extra_label_arrays])
+    classes = _choose_classes(job, max_label, start_card)
 
     if job.axis is None:
         choice = infer_slice_axis(labels)
@@ -427,6 +441,21 @@ def _prepare(job: FinetuneJob) -> _Prepared:
     labels_by_slice = {int(i): fitted[n] for n, i in enumerate(labelled)}
 
     pool = [(0, int(i)) for i in unlabelled]
+    extra_labelled: list[tuple[int, int, torch.Tensor]] = []
+    for (extra_image, _), extra_labels in zip(job.extra_labelled, extra_label_arrays, strict=True):
+        if count_nonfinite(extra_image.array) == extra_image.array.size:
+            raise FewLabelError("An extra labelled volume is all NaN or Inf: drop it.")
+        stack = SliceStack(
+            extra_image.array, axis, fit_intensity(extra_image.array, normalization), input_size
+        )
+        extra_slices = labelled_slices(extra_labels, axis)
+        fitted_extra = fit_labels(extra_labels, axis, extra_slices, stack.fit)
+        extra_labelled.extend(
+            (len(stacks), int(i), fitted_extra[n]) for n, i in enumerate(extra_slices)
+        )
+        rest = np.setdiff1d(np.arange(len(stack)), extra_slices)
+        pool.extend((len(stacks), int(i)) for i in rest)
+        stacks.append(stack)
     for extra in job.extra_unlabelled:
         if count_nonfinite(extra.array) == extra.array.size:
             raise FewLabelError("An extra unlabelled volume is all NaN or Inf: drop it.")
@@ -453,6 +482,7 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         labelled=train_labelled,
         held_out=held_out,
         labels_by_slice=labels_by_slice,
+        extra_labelled=extra_labelled,
         unlabelled_pool=pool,
         notices=notices,
         start_card=start_card,
@@ -702,6 +732,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                     "held_out_slices": [int(i) for i in data.held_out],
                     "unlabelled_slices": len(data.unlabelled_pool),
                     "extra_unlabelled_volumes": len(job.extra_unlabelled),
+                    "extra_labelled_volumes": len(job.extra_labelled),
                     "source": str(job.image.header.get("path", "in memory")),
                 },
                 "started_from": started_from,
@@ -723,6 +754,17 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         return path
 
     def sample_labelled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if data.extra_labelled:
+            picks = rng.integers(0, len(labelled_pool) + len(data.extra_labelled), size=n)
+            xs, ys = [], []
+            for p in picks:
+                if p < len(labelled_pool):
+                    s, i, y = 0, int(labelled_pool[p]), data.labels_by_slice[int(labelled_pool[p])]
+                else:
+                    s, i, y = data.extra_labelled[p - len(labelled_pool)]
+                xs.append(data.stacks[s].windows(torch.tensor([i]), in_slices))
+                ys.append(y)
+            return torch.cat(xs), torch.stack(ys)
         centres = rng.choice(labelled_pool, size=n)
         x = main.windows(torch.from_numpy(centres), in_slices)
         y = torch.stack([data.labels_by_slice[int(c)] for c in centres])
@@ -830,7 +872,8 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         return _foreground_dice(torch.cat(preds), torch.cat(truths), len(data.classes))
 
     yield Notice(
-        f"Fine-tuning on {device_text} ({precision.name}): {len(labelled_pool)} labelled "
+        f"Fine-tuning on {device_text} ({precision.name}): "
+        f"{len(labelled_pool) + len(data.extra_labelled)} labelled "
         f"slice(s) for training, {held_out.size} held out for validation, "
         f"{len(data.unlabelled_pool)} unlabelled slice(s), input "
         f"{data.input_size[0]}x{data.input_size[1]}, {total} steps."

@@ -1,0 +1,640 @@
+"""Adapt an MRI segmentation model to CT without CT labels (Dou et al., IJCAI 2018).
+
+"Unsupervised cross-modality domain adaptation of ConvNets for biomedical
+image segmentations with adversarial loss": the source (MRI) model stays as
+it is; a *domain adaptation module* (DAM), a trainable copy of the source's
+first ``d`` encoder stages, replaces them for CT; everything above (the
+deeper encoder stages and both decoders) is frozen and shared. A *domain
+critic* (:class:`~napari_fewlabel.models.critic.DomainCritic`) reads
+multi-level features and the logits of a slice and is trained to tell MRI
+from CT with a Wasserstein objective; the DAM is trained to fool it. No CT
+label is used.
+
+One step (a *joint update*)
+---------------------------
+* ``critic_updates`` (20) critic updates, each on a fresh batch of MRI slices
+  (through the source network) and CT slices (through the DAM + shared
+  layers): minimise ``mean D(ct) - mean D(mr)``, then clip every critic
+  weight to ``+-clip`` (0.03) -- or, with ``objective="gp"``, add a gradient
+  penalty instead of clipping (WGAN-GP).
+* one DAM update on a CT batch: minimise ``-mean D(ct)``, i.e. move the CT
+  features toward where the critic puts MRI.
+* the first ``warmup_steps`` joint updates train the critic only (DAM frozen),
+  so the DAM starts against a critic that already measures the gap.
+* RMSProp, learning rate 3e-4 for both, times 0.98 every 100 joint updates.
+
+``Progress.losses`` carries ``wasserstein`` (the critic's estimate
+``mean D(mr) - mean D(ct)`` on the last critic batch) and ``dam`` (the DAM
+loss, ``-mean D(ct)``; absent during the warm-up).
+
+Where the paper leaves room (our choices, recorded in the model card)
+----------------------------------------------------------------------
+* ``d``: the reference implementation adapts the whole down-sampling path of
+  its segmenter (groups 1-6 of 10) and shares the higher layers and the
+  classifier. The analogue in our U-Net is the whole encoder with both
+  decoders shared: ``dam_stages=None`` means all encoder stages. Because the
+  decoders read the encoder through skip connections, every adapted stage
+  also feeds a decoder level directly.
+* Intensities: the published pipeline normalised every volume, MRI and CT
+  alike, to zero mean and unit variance. Here CT goes into the DAM the CT
+  way -- clipped to a Hounsfield window and scaled to [-1, 1] -- which is
+  what the adapted model (an ordinary CT model) then uses at prediction, and
+  MRI goes through the source model's own normalisation. The DAM's first
+  convolution absorbs the difference in scale. ``target_normalization=
+  "percentile_zscore"`` gives the paper's choice instead.
+* The critic sees every encoder stage below the full-resolution stem and the
+  logits of both decoder streams, resized to a quarter of the input size.
+* No L2 weight decay and no second (mask) critic: those belong to the
+  journal extension (PnP-AdaNet), not to the IJCAI method.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_fewlabel import __version__
+from napari_fewlabel.data.normalization import NormalizationConfig, count_nonfinite, fit_intensity
+from napari_fewlabel.data.slice_stack import SliceStack
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.volume import Volume
+from napari_fewlabel.models.checkpoint import (
+    ModelCard,
+    load_checkpoint,
+    load_optimizer_state,
+    read_card,
+    read_model_tensors,
+    save_checkpoint,
+)
+from napari_fewlabel.models.critic import DomainCritic, gradient_penalty, resize_to
+from napari_fewlabel.models.registry import resolve_model
+from napari_fewlabel.models.unet2d import TwoStreamUNet
+from napari_fewlabel.train.device import (
+    autocast,
+    describe_device,
+    memory_mb,
+    precision_for,
+    resolve_device,
+)
+from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
+
+#: Default number of joint updates (warm-up included).
+DEFAULT_STEPS = 300
+#: Suffix of the training state (critic + optimizer) written next to the adapted model.
+STATE_SUFFIX = ".state.safetensors"
+
+
+@dataclass(frozen=True)
+class AdaptSettings:
+    """How to adapt; the defaults follow the paper where it says.
+
+    Attributes
+    ----------
+    dam_stages : int or None
+        Encoder stages copied into the DAM (1 = the full-resolution stem only;
+        stage ``i >= 1`` ends at ``1 / 2**i`` resolution). None: all of them
+        (the reference implementation's setting, see the module docstring).
+    critic_updates : int
+        Critic updates per DAM update (20 in the paper).
+    warmup_steps : int
+        Joint updates at the start that train only the critic (DAM frozen).
+    learning_rate : float
+        RMSProp learning rate of the critic and the DAM (3e-4).
+    lr_decay, lr_decay_every : float, int
+        The learning rate is multiplied by ``lr_decay`` every ``lr_decay_every``
+        joint updates (0.98 per 100).
+    objective : {"clip", "gp"}
+        Wasserstein critic kept Lipschitz by weight clipping (paper) or by a
+        gradient penalty (WGAN-GP).
+    clip : float
+        Weight-clipping bound (0.03).
+    gp_weight : float
+        Gradient-penalty weight for ``objective="gp"``.
+    batch_size : int
+        Slices per domain in each update.
+    critic_width : int
+        Channels of the critic's convolutions.
+    critic_resolution_divisor : int
+        The critic sees its inputs at ``input size / this``.
+    target_normalization : {"ct_window", "percentile_zscore"}
+        How CT is normalised for the DAM (and by the adapted model).
+    ct_window_hu : tuple of float
+        HU window for ``"ct_window"``.
+    """
+
+    dam_stages: int | None = None
+    critic_updates: int = 20
+    warmup_steps: int = 20
+    learning_rate: float = 3e-4
+    lr_decay: float = 0.98
+    lr_decay_every: int = 100
+    objective: Literal["clip", "gp"] = "clip"
+    clip: float = 0.03
+    gp_weight: float = 10.0
+    batch_size: int = 4
+    critic_width: int = 64
+    critic_resolution_divisor: int = 4
+    target_normalization: Literal["ct_window", "percentile_zscore"] = "ct_window"
+    ct_window_hu: tuple[float, float] = (-300.0, 400.0)
+
+    def __post_init__(self) -> None:
+        if self.dam_stages is not None and self.dam_stages < 1:
+            raise FewLabelError(f"dam_stages must be at least 1, got {self.dam_stages}.")
+        if self.critic_updates < 1 or self.batch_size < 1:
+            raise FewLabelError("critic_updates and batch_size must be at least 1.")
+        if self.warmup_steps < 0:
+            raise FewLabelError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.objective not in ("clip", "gp"):
+            raise FewLabelError(f"objective must be 'clip' or 'gp', got {self.objective!r}.")
+        if self.objective == "clip" and not self.clip > 0:
+            raise FewLabelError(f"clip must be positive, got {self.clip}.")
+        if self.target_normalization not in ("ct_window", "percentile_zscore"):
+            raise FewLabelError(
+                "target_normalization must be 'ct_window' or 'percentile_zscore', "
+                f"got {self.target_normalization!r}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def normalization(self) -> NormalizationConfig:
+        """The normalisation of CT slices into the DAM (and of the adapted model)."""
+        if self.target_normalization == "ct_window":
+            return NormalizationConfig("ct_window", window_hu=self.ct_window_hu)
+        return NormalizationConfig("percentile_zscore")
+
+
+@dataclass(frozen=True)
+class AdaptJob:
+    """Everything an adaptation run needs.
+
+    Attributes
+    ----------
+    source_model : str or Path
+        The MRI segmentation model (registry name or ``.safetensors`` path).
+    target : tuple of Volume
+        Unlabelled CT scans, ``(z, y, x)`` in HU.
+    out : Path
+        The adapted model (``.safetensors``); the training state (critic and
+        optimizer, for ``resume_from``) goes next to it as
+        ``<stem>.state.safetensors``. Both are rewritten atomically.
+    source : tuple of Volume
+        MRI scans of the kind the source model was trained on (labels are not
+        needed). Default: the scan named in the source model's card, when
+        that file still exists.
+    resume_from : Path, optional
+        An adapted model written by an earlier run of this job (its state
+        file must be next to it); continues the step count.
+    steps : int
+        Joint updates, warm-up included.
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    seed : int
+    settings : AdaptSettings
+    checkpoint_every_s : float
+        Seconds between intermediate checkpoints.
+    """
+
+    source_model: str | Path
+    target: tuple[Volume, ...]
+    out: Path
+    source: tuple[Volume, ...] = ()
+    resume_from: Path | None = None
+    steps: int = DEFAULT_STEPS
+    device: str = "auto"
+    seed: int = 0
+    settings: AdaptSettings = field(default_factory=AdaptSettings)
+    checkpoint_every_s: float = 60.0
+
+
+def state_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where the training state of the adapted model ``model_path`` lives."""
+    path = Path(model_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + STATE_SUFFIX)
+
+
+# ------------------------------------------------------------------ network
+def encoder_stage_count(network: TwoStreamUNet) -> int:
+    """Stages of the encoder: the full-resolution stem, then one per level."""
+    return len(network.encoder.levels) + 1
+
+
+def dam_prefixes(dam_stages: int) -> tuple[str, ...]:
+    """State-dict prefixes of the layers in a DAM of ``dam_stages`` stages.
+
+    Stage 0 is ``encoder.stem``, stage 1 ``encoder.down`` + ``encoder.levels.0``
+    and stage ``i > 1`` ``encoder.levels.{i-1}``.
+    """
+    prefixes = ["encoder.stem."]
+    if dam_stages > 1:
+        prefixes.append("encoder.down.")
+    prefixes += [f"encoder.levels.{j}." for j in range(dam_stages - 1)]
+    return tuple(prefixes)
+
+
+def plug_in_dam(source: TwoStreamUNet, dam_stages: int) -> TwoStreamUNet:
+    """The target network: a trainable copy of the first ``dam_stages`` stages, the rest shared.
+
+    The returned network holds *the same module objects* as ``source`` for
+    every layer above the DAM (deeper encoder levels, both decoders), so they
+    cannot drift apart; their parameters are frozen (``requires_grad=False``)
+    in both. Only the DAM's parameters require gradients.
+    """
+    n = encoder_stage_count(source)
+    if not 1 <= dam_stages <= n:
+        raise FewLabelError(
+            f"The source network has {n} encoder stages: choose dam_stages between 1 and {n}."
+        )
+    for p in source.parameters():
+        p.requires_grad_(False)
+    target = copy.deepcopy(source)
+    target.decoder_a = source.decoder_a
+    target.decoder_b = source.decoder_b
+    for j in range(dam_stages - 1, len(source.encoder.levels)):
+        target.encoder.levels[j] = source.encoder.levels[j]
+    if dam_stages < 2:
+        target.encoder.down = source.encoder.down
+    shared = {id(p) for p in source.parameters()}
+    for p in target.parameters():
+        if id(p) not in shared:
+            p.requires_grad_(True)
+    return target
+
+
+def dam_parameters(target: TwoStreamUNet) -> list[nn.Parameter]:
+    """The trainable (DAM) parameters of a network from :func:`plug_in_dam`."""
+    return [p for p in target.parameters() if p.requires_grad]
+
+
+def critic_inputs(network: TwoStreamUNet, x: torch.Tensor, divisor: int) -> list[torch.Tensor]:
+    """Multi-level features and both streams' logits of ``x``, at ``input size / divisor``.
+
+    Returns the encoder's feature maps below the full-resolution stem and the
+    logits of decoders A and B, each ``(B, C_i, H / divisor, W / divisor)``.
+    """
+    features = network.encoder(x)
+    logits = [network.decoder_a(features), network.decoder_b(features)]
+    size = (max(1, x.shape[-2] // divisor), max(1, x.shape[-1] // divisor))
+    return resize_to([*features[1:], *logits], size)
+
+
+# ------------------------------------------------------------------ data
+def _stacks(
+    volumes: tuple[Volume, ...],
+    config: NormalizationConfig,
+    axis: int,
+    size: tuple[int, int],
+    what: str,
+) -> list[SliceStack]:
+    stacks = []
+    for i, volume in enumerate(volumes):
+        if volume.array.ndim != 3:
+            raise FewLabelError(f"{what} scan {i + 1} is not a 3D volume: give (z, y, x) scans.")
+        if count_nonfinite(volume.array) == volume.array.size:
+            raise FewLabelError(
+                f"{what} scan {i + 1} is all NaN or Inf: check the file or drop it."
+            )
+        stacks.append(SliceStack(volume.array, axis, fit_intensity(volume.array, config), size))
+    return stacks
+
+
+def _source_volumes(job: AdaptJob, card: ModelCard) -> tuple[tuple[Volume, ...], list[Notice]]:
+    if job.source:
+        return job.source, []
+    recorded = card.training.get("data", {}).get("source")
+    if recorded and Path(recorded).is_file():
+        from napari_fewlabel.io import load_volume
+
+        return (load_volume(recorded),), [
+            Notice(f"Using the source model's training scan {recorded} as the MRI side.")
+        ]
+    raise FewLabelError(
+        "Adaptation needs MRI scans of the kind the source model was trained on (labels are "
+        "not needed): give them with --source (the scan named in the model card is not there)."
+    )
+
+
+def _check_inputs(job: AdaptJob) -> None:
+    out = Path(job.out)
+    if out.suffix != ".safetensors":
+        raise FewLabelError(f"--out must end in .safetensors, got {out.name!r}.")
+    if not out.parent.is_dir():
+        raise FewLabelError(
+            f"Folder {out.parent} does not exist: create it or choose another --out."
+        )
+    if job.steps < 1:
+        raise FewLabelError(f"steps must be at least 1, got {job.steps}.")
+    if not job.target:
+        raise FewLabelError("Give at least one CT scan to adapt to (--target).")
+    for i, volume in enumerate(job.target):
+        if volume.modality == "MR":
+            raise FewLabelError(
+                f"Target scan {i + 1} is marked as MR: adaptation goes from MRI to CT, so give CT "
+                "scans in Hounsfield units as --target."
+            )
+
+
+# ------------------------------------------------------------------ run
+def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
+    """Adapt ``job.source_model`` to the CT scans of ``job``; yields Notice/Progress and one Done.
+
+    Parameters
+    ----------
+    job : AdaptJob
+    cancel : CancelFlag, optional
+        Checked between joint updates; when set, the adapted model and the
+        training state are saved and ``Done(cancelled=True)`` is yielded.
+
+    Raises
+    ------
+    FewLabelError
+        For any problem with the inputs, raised before training starts.
+    """
+    _check_inputs(job)
+    settings = job.settings
+    source_path = resolve_model(job.source_model)
+    source_model = load_checkpoint(source_path)
+    card = source_model.card
+    if card.modality == "CT":
+        raise FewLabelError(
+            f"{source_path.name} is already a CT model: adapt a model trained on MRI "
+            "(`fewlabel finetune` on labelled MRI)."
+        )
+    source_volumes, notices = _source_volumes(job, card)
+    yield from notices
+
+    source_net = source_model.network
+    n_stages = encoder_stage_count(source_net)
+    dam_stages = n_stages if settings.dam_stages is None else settings.dam_stages
+    target_net = plug_in_dam(source_net, dam_stages)
+
+    axis, size = card.slice_axis, card.input_size
+    target_config = settings.normalization()
+    source_stacks = _stacks(source_volumes, card.normalization, axis, size, "Source")
+    target_stacks = _stacks(job.target, target_config, axis, size, "Target")
+    divisor = settings.critic_resolution_divisor
+
+    torch.manual_seed(job.seed)
+    rng = np.random.default_rng(job.seed)
+    device = resolve_device(job.device)
+    device_text = describe_device(device)
+    precision = precision_for(device)
+    source_net.to(device).eval()
+    target_net.to(device).eval()  # GroupNorm/InstanceNorm: no batch statistics to track
+
+    with torch.no_grad():
+        probe = source_stacks[0].windows(torch.tensor([0]), source_net.config.in_slices)
+        channels = [m.shape[1] for m in critic_inputs(source_net, probe.to(device), divisor)]
+    critic = DomainCritic(channels, width=settings.critic_width).to(device)
+    if settings.objective == "clip":
+        critic.clip_(settings.clip)
+    dam_params = dam_parameters(target_net)
+    optimizer = torch.optim.RMSprop(
+        [
+            {"params": dam_params, "lr": settings.learning_rate},
+            {"params": list(critic.parameters()), "lr": settings.learning_rate},
+        ]
+    )
+
+    step0 = 0
+    if job.resume_from is not None:
+        step0 = _resume(job, source_net, target_net, critic, optimizer, dam_stages, device)
+        yield Notice(f"Resuming from {Path(job.resume_from).name} at step {step0}.")
+
+    out = Path(job.out)
+    total = job.steps
+    start = time.perf_counter()
+    last_save = start
+    step_times: list[float] = []
+    losses: dict[str, float] = {}
+    in_slices = source_net.config.in_slices
+
+    def sample(stacks: list[SliceStack]) -> torch.Tensor:
+        picks = rng.integers(0, len(stacks), size=settings.batch_size)
+        windows = [
+            stacks[s].windows(torch.tensor([int(rng.integers(0, len(stacks[s])))]), in_slices)
+            for s in picks
+        ]
+        return torch.cat(windows).to(device)
+
+    def features(network: TwoStreamUNet, x: torch.Tensor) -> list[torch.Tensor]:
+        with autocast(device, precision):
+            return critic_inputs(network, x, divisor)
+
+    def card_for(steps_done: int) -> ModelCard:
+        return ModelCard(
+            architecture=card.architecture,
+            classes=card.classes,
+            modality="CT",
+            normalization=target_config,
+            input_size=card.input_size,
+            slice_axis=card.slice_axis,
+            training={
+                "method": (
+                    "unsupervised MRI->CT adaptation (Dou et al. 2018): domain adaptation module "
+                    "(trainable copy of the first encoder stages) against a Wasserstein domain "
+                    "critic on multi-level features and logits; higher layers frozen from the "
+                    "source model"
+                ),
+                "source_model": {
+                    "path": str(source_path),
+                    "modality": card.modality,
+                    "normalization": card.normalization.to_dict(),
+                    "method": card.training.get("method"),
+                    "data": card.training.get("data"),
+                },
+                "dam_stages": dam_stages,
+                "dam_layers": list(dam_prefixes(dam_stages)),
+                "encoder_stages": n_stages,
+                "settings": settings.to_dict(),
+                "data": {
+                    "target_scans": [list(v.shape) for v in job.target],
+                    "target_sources": [str(v.header.get("path", "in memory")) for v in job.target],
+                    "source_scans": [list(v.shape) for v in source_volumes],
+                    "slice_axis": axis,
+                },
+                "ct_labels_used": False,
+                "started_from": str(source_path),
+                "steps_done": steps_done,
+                "steps_planned": total,
+                "seed": job.seed,
+                "device": device_text,
+                "precision": precision.name,
+                "train_seconds": round(time.perf_counter() - start, 1),
+            },
+            inference=card.inference,
+        )
+
+    def save(steps_done: int) -> Path:
+        model_card = card_for(steps_done)
+        state = nn.ModuleDict({"critic": critic})
+        save_checkpoint(state_path(out), state, model_card, optimizer=optimizer)
+        return save_checkpoint(out, target_net, model_card)
+
+    def critic_update() -> float:
+        with torch.no_grad():
+            real = features(source_net, sample(source_stacks))
+            fake = features(target_net, sample(target_stacks))
+        optimizer.zero_grad(set_to_none=True)
+        score_real, score_fake = critic(real).mean(), critic(fake).mean()
+        loss = score_fake - score_real
+        if settings.objective == "gp":
+            loss = loss + settings.gp_weight * gradient_penalty(critic, real, fake)
+        loss.backward()
+        optimizer.step()
+        if settings.objective == "clip":
+            critic.clip_(settings.clip)
+        return float((score_real - score_fake).detach())
+
+    def dam_update() -> float:
+        critic.requires_grad_(False)
+        optimizer.zero_grad(set_to_none=True)
+        loss = -critic(features(target_net, sample(target_stacks))).mean()
+        loss.backward()
+        optimizer.step()
+        critic.requires_grad_(True)
+        return float(loss.detach())
+
+    yield Notice(
+        f"Adapting {source_path.name} ({card.modality}) to {len(job.target)} CT scan(s) on "
+        f"{device_text}: DAM = the first {dam_stages} of {n_stages} encoder stages, "
+        f"{settings.critic_updates} critic updates per DAM update, {settings.warmup_steps} "
+        f"critic-only warm-up steps, {total} steps, {len(source_stacks)} MRI scan(s)."
+    )
+    step = step0
+    if step0 >= total:
+        yield Notice(f"The checkpoint has already done {step0} of {total} steps: nothing to train.")
+    while step < total:
+        if cancel is not None and cancel.is_set():
+            checkpoint = save(step)
+            yield Done(
+                checkpoint,
+                _summary(step, total, losses, start, device_text, dam_stages),
+                cancelled=True,
+            )
+            return
+        t0 = time.perf_counter()
+        lr = settings.learning_rate * settings.lr_decay ** (step // settings.lr_decay_every)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        warming_up = step < settings.warmup_steps
+        estimates = [critic_update() for _ in range(settings.critic_updates)]
+        losses = {"wasserstein": estimates[-1]}
+        if not warming_up:
+            losses["dam"] = dam_update()
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FewLabelError(
+                "Adaptation diverged (a loss became NaN/Inf): lower the learning rate, or "
+                "check the scans for extreme values."
+            )
+        step += 1
+        step_times.append(time.perf_counter() - t0)
+        yield Progress(
+            step=step,
+            total=total,
+            losses=losses,
+            eta_s=(total - step) * float(np.mean(step_times[-20:])),
+            device=device_text,
+            memory_mb=memory_mb(device),
+            phase="adapt",
+            extra={
+                "warmup": 1.0 if warming_up else 0.0,
+                "learning_rate": lr,
+                "wasserstein_mean": float(np.mean(estimates)),
+            },
+        )
+        if time.perf_counter() - last_save >= job.checkpoint_every_s:
+            save(step)
+            last_save = time.perf_counter()
+    checkpoint = save(step)
+    yield Done(checkpoint, _summary(step, total, losses, start, device_text, dam_stages))
+
+
+def _resume(
+    job: AdaptJob,
+    source_net: TwoStreamUNet,
+    target_net: TwoStreamUNet,
+    critic: DomainCritic,
+    optimizer: torch.optim.Optimizer,
+    dam_stages: int,
+    device: torch.device,
+) -> int:
+    """Load an earlier run's DAM, critic and optimizer; return its steps done."""
+    assert job.resume_from is not None
+    path = resolve_model(job.resume_from)
+    state = state_path(path)
+    if not state.is_file():
+        raise FewLabelError(
+            f"No training state {state.name} next to {path.name}: resume from the files an "
+            "earlier `fewlabel adapt` wrote (both must be there)."
+        )
+    card = read_card(path)
+    if int(card.training.get("dam_stages", -1)) != dam_stages:
+        raise FewLabelError(
+            f"{path.name} was adapted with a DAM of {card.training.get('dam_stages')} stages, this "
+            f"run asks for {dam_stages}: resume with the same settings."
+        )
+    tensors = read_model_tensors(path)
+    prefixes = dam_prefixes(dam_stages)
+    reference = source_net.state_dict()
+    for key, value in tensors.items():
+        if not key.startswith(prefixes) and (
+            key not in reference or not torch.equal(value, reference[key].cpu())
+        ):
+            raise FewLabelError(
+                f"{path.name} was adapted from another source model: resume with the same "
+                "source model, or start a new run."
+            )
+    dam_state = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+    missing = [k for k in target_net.state_dict() if k.startswith(prefixes) and k not in dam_state]
+    if missing:
+        raise FewLabelError(
+            f"{path.name} lacks DAM weights ({missing[0]}): it is damaged; start anew."
+        )
+    target_net.load_state_dict({**target_net.state_dict(), **dam_state})
+    critic_state = {
+        k.removeprefix("critic."): v
+        for k, v in read_model_tensors(state).items()
+        if k.startswith("critic.")
+    }
+    try:
+        critic.load_state_dict(critic_state)
+    except RuntimeError as e:
+        raise FewLabelError(
+            f"{state.name} does not match these settings ({str(e).splitlines()[0]}): resume "
+            "with the same settings, or start a new run."
+        ) from e
+    critic.to(device)
+    optimizer_state = load_optimizer_state(state)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return int(card.training.get("steps_done", 0))
+
+
+def _summary(
+    step: int,
+    total: int,
+    losses: Mapping[str, float],
+    start: float,
+    device: str,
+    dam_stages: int,
+) -> dict[str, Any]:
+    return {
+        "steps_done": step,
+        "steps_planned": total,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "final_losses": dict(losses),
+        "device": device,
+        "dam_stages": dam_stages,
+        "package_version": __version__,
+    }

@@ -1,0 +1,97 @@
+"""`fewlabel adapt` end to end: MRI model + CT scan -> adapted CT model -> `fewlabel predict`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import nibabel as nib
+import pytest
+
+from napari_fewlabel.cli import main
+from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.io import load_volume, save_labels
+from napari_fewlabel.models.checkpoint import read_card
+from napari_fewlabel.models.unet2d import UNetConfig
+from napari_fewlabel.train import adapt, finetune
+
+
+def _save_scan(volume, path):
+    nib.save(nib.Nifti1Image(volume.to_file_grid(volume.array), volume.grid.affine), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapt_cli")
+    shape, spacing = (12, 64, 64), (4.0, 3.0, 3.0)
+    mr = cardiac_phantom("MR", 0, shape, spacing)
+    ct = cardiac_phantom("CT", 1, shape, spacing)
+    mr_path = _save_scan(mr.image, folder / "mr.nii.gz")
+    ct_path = _save_scan(ct.image, folder / "ct.nii.gz")
+    mr_labels = save_labels(mr.labels.array, like=mr.image, path=folder / "mr_labels.nii.gz")
+    source = folder / "source.safetensors"
+    job = finetune.FinetuneJob(
+        image=load_volume(mr_path),
+        labels=load_volume(mr_labels),
+        out=source,
+        classes=mr.classes,
+        model="random",
+        steps=2,
+        device="cpu",
+        settings=finetune.FinetuneSettings.supervised(),
+        architecture=UNetConfig(in_slices=3, widths=(8, 16, 32), full_res_width=4),
+    )
+    list(finetune.run(job))
+    return folder, source, mr_path, ct_path
+
+
+def test_adapt_then_predict(files, capsys, monkeypatch):
+    folder, source, mr_path, ct_path = files
+    # Keep the critic small so the test stays quick; everything else is the CLI's.
+    settings = adapt.AdaptSettings
+    monkeypatch.setattr(
+        adapt, "AdaptSettings", lambda **kw: replace(settings(**kw), critic_width=8)
+    )
+    out = folder / "adapted.safetensors"
+    code = main(
+        ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+         "--out", str(out), "--steps", "2", "--warmup", "1", "--critic-updates", "2",
+         "--device", "cpu"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "2/2" in captured.err and "Wasserstein" in captured.err
+    assert "DAM loss" in captured.err  # the step after the warm-up updated the DAM
+    assert f"Wrote {out}" in captured.out
+    card = read_card(out)
+    assert card.modality == "CT" and card.training["settings"]["critic_updates"] == 2
+    assert adapt.state_path(out).is_file()
+
+    mask = folder / "mask.nii.gz"
+    assert main(["predict", str(out), str(ct_path), "--out", str(mask), "--device", "cpu"]) == 0
+    assert load_volume(mask).shape == load_volume(ct_path).shape
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--out", "adapted.pt"], "must end in .safetensors"),
+        (["--out", "x.safetensors", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_bad_arguments_exit_2_with_advice(files, capsys, extra, message, tmp_path, monkeypatch):
+    _, source, mr_path, ct_path = files
+    monkeypatch.chdir(tmp_path)
+    code = main(["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_mri_target_exits_2(files, capsys, tmp_path):
+    _, source, mr_path, _ = files
+    out = tmp_path / "a.safetensors"
+    code = main(["adapt", str(source), "--target", str(mr_path), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "marked as MR" in err or "--source" in err
+    assert not out.exists()

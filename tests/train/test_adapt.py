@@ -1,0 +1,363 @@
+"""MRI -> CT adaptation (train.adapt): what is frozen stays frozen, the critic stays clipped,
+cancel/resume, the adapted model is an ordinary CT model, and it segments CT better."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from napari_fewlabel.data.normalization import NormalizationConfig
+from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.models.checkpoint import load_checkpoint, read_card, read_model_tensors
+from napari_fewlabel.models.unet2d import UNetConfig
+from napari_fewlabel.train import adapt, finetune
+from napari_fewlabel.train.events import Done, Event, Notice, Progress
+
+#: A network small enough that a step takes a few hundredths of a second.
+TINY_NET = UNetConfig(in_slices=3, widths=(8, 16, 32), full_res_width=4)
+
+SHAPE, SPACING = (16, 64, 64), (4.0, 3.0, 3.0)
+#: Few, cheap updates: enough to exercise every code path.
+QUICK = adapt.AdaptSettings(
+    critic_updates=2, warmup_steps=1, batch_size=2, critic_width=8, dam_stages=2
+)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Any, Any]:
+    """A paired MR/CT phantom 'patient' (same anatomy, two appearances)."""
+    return cardiac_phantom("MR", 0, SHAPE, SPACING), cardiac_phantom("CT", 0, SHAPE, SPACING)
+
+
+@pytest.fixture(scope="module")
+def source_model(pair: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MRI model trained supervised on every labelled slice of the MR phantom."""
+    mr, _ = pair
+    out = tmp_path_factory.mktemp("source") / "mr.safetensors"
+    job = finetune.FinetuneJob(
+        image=mr.image,
+        labels=mr.labels,
+        out=out,
+        classes=mr.classes,
+        model="random",
+        steps=4,
+        device="cpu",
+        settings=replace(finetune.FinetuneSettings.supervised(), batch_labelled=2),
+        architecture=TINY_NET,
+        checkpoint_every_s=3600.0,
+    )
+    events = list(finetune.run(job))
+    assert isinstance(events[-1], Done)
+    return out
+
+
+@pytest.fixture
+def make_job(
+    pair: tuple[Any, Any], source_model: Path, tmp_path: Path
+) -> Callable[..., adapt.AdaptJob]:
+    mr, ct = pair
+
+    def make(**changes: Any) -> adapt.AdaptJob:
+        job = adapt.AdaptJob(
+            source_model=source_model,
+            target=(ct.image,),
+            source=(mr.image,),
+            out=tmp_path / "adapted.safetensors",
+            steps=3,
+            device="cpu",
+            settings=QUICK,
+            checkpoint_every_s=3600.0,
+        )
+        return replace(job, **changes)
+
+    return make
+
+
+def _run(job: adapt.AdaptJob, cancel: Any = None) -> list[Event]:
+    events = list(adapt.run(job, cancel))
+    assert isinstance(events[-1], Done)
+    assert sum(isinstance(e, Done) for e in events) == 1
+    return events
+
+
+def _split(path: Path, dam_stages: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    tensors = read_model_tensors(path)
+    prefixes = adapt.dam_prefixes(dam_stages)
+    dam = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+    frozen = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
+    return dam, frozen
+
+
+def test_frozen_layers_stay_bit_identical_and_the_dam_moves(make_job, source_model):
+    job = make_job()
+    _run(job)
+    source = read_model_tensors(source_model)
+    dam, frozen = _split(job.out, 2)
+    assert set(dam) | set(frozen) == set(source)
+    assert any(k.startswith("encoder.levels.1.") for k in frozen)  # deeper encoder is shared
+    assert any(k.startswith("decoder_a.") for k in frozen)
+    for key, value in frozen.items():
+        assert torch.equal(value, source[key]), key
+    assert any(not torch.equal(value, source[key]) for key, value in dam.items())
+
+
+def test_critic_weights_stay_within_the_clip(make_job):
+    job = make_job()
+    _run(job)
+    critic = {
+        k: v for k, v in read_model_tensors(adapt.state_path(job.out)).items() if "critic" in k
+    }
+    assert critic
+    limit = QUICK.clip
+    assert max(float(v.abs().max()) for v in critic.values()) <= limit
+    # The clip binds: some weights sit on it (RMSProp steps are far larger than 0.03).
+    assert any(float(v.abs().max()) == pytest.approx(limit) for v in critic.values())
+
+
+def test_a_dam_step_changes_only_dam_parameters(source_model):
+    source = load_checkpoint(source_model).network
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    target = adapt.plug_in_dam(source, 2)
+    trainable = {id(p) for p in adapt.dam_parameters(target)}
+    names = {n for n, p in target.named_parameters() if id(p) in trainable}
+    assert names and all(n.startswith(adapt.dam_prefixes(2)) for n in names)
+    optimizer = torch.optim.RMSprop(adapt.dam_parameters(target), lr=3e-4)
+    x = torch.randn(2, TINY_NET.in_slices, 64, 64)
+    loss = -sum(m.mean() for m in adapt.critic_inputs(target, x, 4))
+    loss.backward()
+    optimizer.step()
+    after = target.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith(adapt.dam_prefixes(2)) for k in changed)
+    # The source network is untouched (its layers above the DAM are the target's).
+    assert all(torch.equal(v, before[k]) for k, v in source.state_dict().items())
+    assert target.decoder_a is source.decoder_a
+
+
+def test_warm_up_trains_the_critic_only(make_job, source_model):
+    job = make_job(steps=2, settings=replace(QUICK, warmup_steps=2))
+    events = _run(job)
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [e.extra["warmup"] for e in progress] == [1.0, 1.0]
+    assert all("dam" not in e.losses and "wasserstein" in e.losses for e in progress)
+    source = read_model_tensors(source_model)
+    for key, value in read_model_tensors(job.out).items():
+        assert torch.equal(value, source[key]), key
+
+
+def test_progress_reports_wasserstein_and_dam_loss(make_job):
+    events = _run(make_job())
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [e.step for e in progress] == [1, 2, 3]
+    assert all(e.phase == "adapt" for e in progress)
+    assert "dam" in progress[-1].losses and np.isfinite(progress[-1].losses["wasserstein"])
+
+
+def test_the_adapted_model_is_an_ordinary_ct_model(make_job, pair, source_model):
+    _, ct = pair
+    job = make_job()
+    _run(job)
+    card = read_card(job.out)
+    assert card.modality == "CT"
+    assert card.normalization.method == "ct_window"
+    assert card.classes == read_card(source_model).classes
+    assert card.training["source_model"]["path"] == str(source_model)
+    assert card.training["source_model"]["modality"] == "MR"
+    assert card.training["dam_stages"] == 2 and card.training["ct_labels_used"] is False
+    assert card.training["settings"]["clip"] == 0.03
+    labels = predict_volume(load_checkpoint(job.out), ct.image, device="cpu")
+    assert labels.shape == ct.image.shape
+    # ... and fine-tuning accepts it as a starting point.
+    painted = np.zeros_like(ct.labels.array)
+    painted[8] = ct.labels.array[8]
+    tuned = finetune.FinetuneJob(
+        image=ct.image,
+        labels=painted,
+        out=job.out.with_name("tuned.safetensors"),
+        classes=ct.classes,
+        model=job.out,
+        steps=1,
+        device="cpu",
+        settings=replace(finetune.FinetuneSettings.supervised(), batch_labelled=1),
+    )
+    events = list(finetune.run(tuned))
+    assert any(isinstance(e, Notice) and "all weights" in e.message for e in events)
+
+
+def test_cancel_leaves_a_loadable_model_and_resume_continues_the_count(make_job):
+    cancel = threading.Event()
+    job = make_job(steps=4)
+    events = []
+    for event in adapt.run(job, cancel):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 2:
+            cancel.set()
+    done = events[-1]
+    assert isinstance(done, Done) and done.cancelled
+    assert done.summary["steps_done"] == 2
+    assert read_card(done.checkpoint).training["steps_done"] == 2
+    load_checkpoint(done.checkpoint)  # complete and loadable
+
+    resumed = _run(
+        replace(job, resume_from=done.checkpoint, out=job.out.with_name("b.safetensors"))
+    )
+    assert any(isinstance(e, Notice) and "at step 2" in e.message for e in resumed)
+    steps = [e.step for e in resumed if isinstance(e, Progress)]
+    assert steps == [3, 4]
+    assert read_card(resumed[-1].checkpoint).training["steps_done"] == 4
+
+
+def test_resume_refuses_another_dam_size(make_job):
+    job = make_job(steps=1)
+    _run(job)
+    with pytest.raises(FewLabelError, match="same settings"):
+        list(adapt.run(replace(job, resume_from=job.out, settings=replace(QUICK, dam_stages=1))))
+
+
+def test_wgan_gp_option_trains_without_clipping(make_job):
+    job = make_job(settings=replace(QUICK, objective="gp"))
+    events = _run(job)
+    assert read_card(job.out).training["settings"]["objective"] == "gp"
+    assert all(np.isfinite(e.losses["wasserstein"]) for e in events if isinstance(e, Progress))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"out": Path("adapted.pt")}, "safetensors"),
+        ({"target": ()}, "at least one CT"),
+        ({"steps": 0}, "at least 1"),
+        ({"source": ()}, "--source"),
+        ({"settings": replace(QUICK, dam_stages=9)}, "between 1 and"),
+    ],
+)
+def test_bad_input_says_what_to_do(make_job, changes, match):
+    with pytest.raises(FewLabelError, match=match):
+        list(adapt.run(make_job(**changes)))
+
+
+def test_an_mr_target_or_a_ct_source_model_is_refused(make_job, pair, tmp_path):
+    mr, _ = pair
+    with pytest.raises(FewLabelError, match="marked as MR"):
+        list(adapt.run(make_job(target=(mr.image,))))
+    adapted = make_job()
+    _run(adapted)
+    with pytest.raises(FewLabelError, match="already a CT model"):
+        list(adapt.run(make_job(source_model=adapted.out, out=tmp_path / "again.safetensors")))
+
+
+def test_a_source_model_trains_on_several_labelled_volumes(tmp_path):
+    first = cardiac_phantom("MR", 0, SHAPE, SPACING)
+    second = cardiac_phantom("MR", 1, SHAPE, SPACING)
+    job = finetune.FinetuneJob(
+        image=first.image,
+        labels=first.labels,
+        extra_labelled=((second.image, second.labels),),
+        out=tmp_path / "mr.safetensors",
+        classes=first.classes,
+        model="random",
+        steps=2,
+        device="cpu",
+        settings=replace(finetune.FinetuneSettings.supervised(), batch_labelled=4),
+        architecture=TINY_NET,
+    )
+    events = list(finetune.run(job))
+    n_first = int((first.labels.array.reshape(SHAPE[0], -1).max(axis=1) > 0).sum())
+    n_second = int((second.labels.array.reshape(SHAPE[0], -1).max(axis=1) > 0).sum())
+    start = next(e for e in events if isinstance(e, Notice) and "Fine-tuning on" in e.message)
+    held = len(read_card(job.out).training["data"]["held_out_slices"])
+    assert f"{n_first + n_second - held} labelled slice(s)" in start.message
+    assert read_card(job.out).training["data"]["extra_labelled_volumes"] == 1
+
+
+def test_extra_labelled_volume_on_another_grid_is_refused(tmp_path):
+    first = cardiac_phantom("MR", 0, SHAPE, SPACING)
+    job = finetune.FinetuneJob(
+        image=first.image,
+        labels=first.labels,
+        extra_labelled=((first.image, first.labels.array[:-1]),),
+        out=tmp_path / "mr.safetensors",
+        model="random",
+        steps=1,
+        device="cpu",
+        architecture=TINY_NET,
+    )
+    with pytest.raises(FewLabelError, match="differs from the image shape"):
+        list(finetune.run(job))
+
+
+def _mean_dice(pred: np.ndarray, truth: np.ndarray, classes: int) -> float:
+    scores = []
+    for k in range(1, classes):
+        p, t = pred == k, truth == k
+        denom = int(p.sum() + t.sum())
+        scores.append(2 * int((p & t).sum()) / denom if denom else 1.0)
+    return float(np.mean(scores))
+
+
+def _dice_on(model_path: Path, ct: Any, window: bool = False) -> float:
+    model = load_checkpoint(model_path)
+    if window:  # the source network fed CT the CT way: where the DAM starts from
+        model = replace(
+            model, card=replace(model.card, normalization=NormalizationConfig("ct_window"))
+        )
+    pred = predict_volume(model, ct.image, device="cpu")
+    return _mean_dice(pred, ct.labels.array, len(ct.classes))
+
+
+@pytest.mark.slow
+def test_adaptation_improves_ct_dice_on_the_phantom_pair(tmp_path):
+    """MR phantom with labels -> CT phantom of another 'patient'; CT labels only score."""
+    torch.manual_seed(0)
+    shape, spacing = (32, 96, 96), (3.0, 2.0, 2.0)
+    mr = cardiac_phantom("MR", 0, shape, spacing)
+    ct = cardiac_phantom("CT", 1, shape, spacing)
+    source = tmp_path / "mr.safetensors"
+    source_job = finetune.FinetuneJob(
+        image=mr.image,
+        labels=mr.labels,
+        out=source,
+        classes=mr.classes,
+        model="random",
+        steps=SOURCE_STEPS,
+        device="cpu",
+        settings=replace(finetune.FinetuneSettings.supervised(), validation_min_labelled=999),
+        architecture=UNetConfig(in_slices=3, widths=(8, 16, 32, 64), full_res_width=4),
+        checkpoint_every_s=3600.0,
+    )
+    list(finetune.run(source_job))
+    as_mr, as_ct = _dice_on(source, ct), _dice_on(source, ct, window=True)
+    job = adapt.AdaptJob(
+        source_model=source,
+        target=(ct.image,),
+        source=(mr.image,),
+        out=tmp_path / "ct.safetensors",
+        steps=ADAPT_STEPS,
+        device="cpu",
+        settings=adapt.AdaptSettings(warmup_steps=10),
+        checkpoint_every_s=3600.0,
+    )
+    _run(job)
+    after = _dice_on(job.out, ct)
+    print(
+        f"source on CT: {as_mr:.3f} (MR normalisation), {as_ct:.3f} (HU window); adapted {after:.3f}"
+    )
+    assert after >= as_ct + IMPROVEMENT, (as_mr, as_ct, after)
+
+
+#: The configuration of benchmarks/adaptation.py (measured there: 0.66 -> 0.75 from the
+#: HU-window start; the MR model with its own normalisation gets 0.78, see docs/adaptation.md).
+#: About 3.5 minutes on one CPU thread: shorter source training leaves a weak source model
+#: (0.28 at 300 steps) that adaptation cannot help.
+SOURCE_STEPS = 700
+ADAPT_STEPS = 150
+IMPROVEMENT = 0.05
