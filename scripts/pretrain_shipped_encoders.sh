@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Make the starter encoders that ship in src/napari_fewlabel/models/weights/.
+#
+#   bash scripts/pretrain_shipped_encoders.sh [SECONDS_PER_METHOD]   (default 900)
+#
+# Data: every real public scan of ../shared/DATA.md that no benchmark or
+# adaptation experiment evaluates on -- brain MRI (nibabel's anatomical.nii,
+# pyradiomics brain1 and brain2, dipy's S0_10slices), breast MRI (pyradiomics
+# breast1) and chest CT (pyradiomics lung2). Left out on purpose: the MNI152
+# template (annotation-efficiency benchmark), the ITK head T1 and the InVesalius
+# head CT (adaptation benchmark), pyradiomics lung1 (emphysema tests).
+# Run `bash scripts/fetch_test_data.sh` first. The model cards in
+# docs/model-cards/ record what a run produced.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET="${1:-900}"
+PY="${PYTHON:-python}"
+DATA="${FEWLABEL_TEST_DATA:-$HOME/.cache/napari-fewlabel/test-data}/pyradiomics"
+NIB=$("$PY" -c "import nibabel, os; print(os.path.dirname(nibabel.__file__))")
+DIPY=$("$PY" -c "import dipy, os; print(os.path.dirname(dipy.__file__))")
+SCANS=(
+  "$NIB/tests/data/anatomical.nii"
+  "$DIPY/data/files/S0_10slices.nii.gz"
+  "$DATA/brain1_image.nrrd"
+  "$DATA/brain2_image.nrrd"
+  "$DATA/breast1_image.nrrd"
+  "$DATA/lung2_image.nrrd"
+)
+OUT=src/napari_fewlabel/models/weights
+for method in ideal medmoco; do
+  "$PY" -m napari_fewlabel.cli pretrain "${SCANS[@]}" --method "$method" \
+    --time-budget "$BUDGET" --steps 100000 --half --device auto --seed 0 \
+    --out "$OUT/$method-encoder.safetensors"
+  rm -f "$OUT/$method-encoder.state.safetensors"   # resume state: not shipped
+done
