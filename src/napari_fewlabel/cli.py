@@ -27,7 +27,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -263,7 +263,6 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from napari_fewlabel.data.classes import named_classes
-    from napari_fewlabel.train.events import Done, Notice, Progress
     from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, FinetuneSettings, run
 
     settings = {
@@ -295,23 +294,34 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         extra_unlabelled=extra,
         extra_labelled=extra_labelled,
     )
+    done = _show_progress(run(job))
+    s = done.summary
+    val = s.get("val_dice")
+    print(
+        f"Wrote {done.checkpoint} after {s['steps_done']} steps in {s['train_seconds']:.0f} s"
+        + (f"; validation Dice {val:.3f}" if val is not None else "")
+        + "."
+    )
+    return 0
+
+
+def _show_progress(events: Iterator[Any]) -> Any:
+    """Drive a job's events: a progress bar, notices as lines; returns the final Done."""
+    from napari_fewlabel.train.events import Done, Notice, Progress
+
     bar = _ProgressBar(sys.stderr)
-    for event in run(job):
+    done = None
+    for event in events:
         if isinstance(event, Progress):
             bar.update(event)
         elif isinstance(event, Notice):
             bar.message(("warning: " if event.level == "warning" else "") + event.message)
         elif isinstance(event, Done):
             bar.finish()
-            s = event.summary
-            val = s.get("val_dice")
-            print(
-                f"Wrote {event.checkpoint} after {s['steps_done']} steps in "
-                f"{s['train_seconds']:.0f} s"
-                + (f"; validation Dice {val:.3f}" if val is not None else "")
-                + "."
-            )
-    return 0
+            done = event
+    if done is None:  # a job always ends with Done; this would be a bug
+        raise RuntimeError("the job ended without its Done event")
+    return done
 
 
 class _ProgressBar:
@@ -415,7 +425,6 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_fewlabel.train.events import Done, Notice, Progress
     from napari_fewlabel.train.pretrain import (
         DEFAULT_STEPS,
         PretrainJob,
@@ -450,22 +459,15 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         half=args.half,
         num_workers=args.workers,
     )
-    bar = _ProgressBar(sys.stderr)
-    for event in run(job):
-        if isinstance(event, Progress):
-            bar.update(event)
-        elif isinstance(event, Notice):
-            bar.message(("warning: " if event.level == "warning" else "") + event.message)
-        elif isinstance(event, Done):
-            bar.finish()
-            s = event.summary
-            rank = s.get("effective_rank")
-            print(
-                f"Wrote {event.checkpoint} after {s['steps_done']} steps in "
-                f"{s['train_seconds']:.0f} s ({s.get('slices_per_s', 0):.1f} slices/s"
-                + (f", effective rank {rank:.1f}" if rank is not None else "")
-                + f"); training state in {s['state']}."
-            )
+    done = _show_progress(run(job))
+    s = done.summary
+    rank = s.get("effective_rank")
+    print(
+        f"Wrote {done.checkpoint} after {s['steps_done']} steps in "
+        f"{s['train_seconds']:.0f} s ({s.get('slices_per_s', 0):.1f} slices/s"
+        + (f", effective rank {rank:.1f}" if rank is not None else "")
+        + f"); training state in {s['state']}."
+    )
     return 0
 
 
@@ -520,7 +522,6 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from napari_fewlabel.train.adapt import DEFAULT_STEPS, AdaptJob, AdaptSettings, run
-    from napari_fewlabel.train.events import Done, Notice, Progress
 
     if args.steps is not None and args.steps < 1:
         raise FewLabelError(f"--steps must be at least 1, got {args.steps}.")
@@ -544,23 +545,14 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
         settings=settings,
     )
-    bar = _ProgressBar(sys.stderr)
-    for event in run(job):
-        if isinstance(event, Progress):
-            bar.update(event)
-        elif isinstance(event, Notice):
-            bar.message(("warning: " if event.level == "warning" else "") + event.message)
-        elif isinstance(event, Done):
-            bar.finish()
-            s = event.summary
-            w = s["final_losses"].get("wasserstein")
-            print(
-                f"Wrote {event.checkpoint} after {s['steps_done']} steps in "
-                f"{s['train_seconds']:.0f} s"
-                + (f"; Wasserstein estimate {w:.3f}" if w is not None else "")
-                + ". Predict CT with it: `fewlabel predict "
-                + f"{event.checkpoint} CT.nii.gz --out mask.nii.gz`."
-            )
+    done = _show_progress(run(job))
+    s = done.summary
+    w = s["final_losses"].get("wasserstein")
+    print(
+        f"Wrote {done.checkpoint} after {s['steps_done']} steps in {s['train_seconds']:.0f} s"
+        + (f"; Wasserstein estimate {w:.3f}" if w is not None else "")
+        + f". Predict CT with it: `fewlabel predict {done.checkpoint} CT.nii.gz --out mask.nii.gz`."
+    )
     return 0
 
 
