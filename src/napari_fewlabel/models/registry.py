@@ -27,8 +27,8 @@ from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
 #: Starter weights that ship inside the package.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "weights"
 MODEL_SUFFIX = ".safetensors"
-#: The shipped encoder that won the pretrained-vs-random benchmark (benchmarks/pretraining.py).
-DEFAULT_ENCODER = "ideal-encoder"
+#: The shipped encoder that did best in benchmarks/pretraining.py (docs/benchmarks.md).
+DEFAULT_ENCODER = "medmoco-encoder"
 
 
 def user_model_dir() -> Path:
