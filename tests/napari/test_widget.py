@@ -83,6 +83,7 @@ def test_full_loop_on_the_phantom(widget_with_scan, small_phantom, qtbot, tmp_pa
     done = [e for e in progress if isinstance(e, Done)]
     assert len(done) == 1 and not done[0].cancelled
     prediction = viewer.layers["phantom prediction"]
+    assert widget.selected_labels() is annotation  # the prediction does not replace it
     image = viewer.layers["phantom"]
     assert np.allclose(prediction.scale, image.scale)
     assert np.allclose(prediction.translate, image.translate)

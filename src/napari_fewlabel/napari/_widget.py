@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 #: layer.metadata key holding the classes of an annotation layer made here.
 CLASSES_KEY = "fewlabel_classes"
+#: layer.metadata key marking a prediction layer made here.
+PREDICTION_KEY = "fewlabel_prediction"
 FROM_FILE = "From file..."
 DEFAULT_START = "default (pretrained encoder)"
 RANDOM_START = "none (random initialisation)"
@@ -234,7 +236,8 @@ class FinetuneWidget(QWidget):
             combo.blockSignals(False)
         if event is not None and getattr(event, "type", "") == "inserted":
             layer = event.value
-            if isinstance(layer, Labels) and layer is not self._prediction_layer:
+            # A new Labels layer becomes the annotation, unless it is a prediction.
+            if isinstance(layer, Labels) and not layer.metadata.get(PREDICTION_KEY):
                 self.labels_combo.setCurrentText(layer.name)
         self._on_image_changed()
         self._on_labels_changed()
@@ -559,6 +562,7 @@ class FinetuneWidget(QWidget):
         else:
             data, kwargs, _ = labels_layer_data(event.labels, volume, name, colors=colors)
             kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in event.classes]
+            kwargs["metadata"][PREDICTION_KEY] = True
             kwargs["opacity"] = 0.5
             layer = self.viewer.add_labels(data, **kwargs)
         self._prediction_layer = layer
