@@ -81,7 +81,8 @@ def main() -> None:
     _shot(viewer, app, "04_prediction.png")
     viewer.dims.ndisplay = 3
     viewer.layers["cardiac MR phantom"].visible = False
-    viewer.camera.angles = (-20, 30, 140)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.angles = (-20, 30, 140)
     _shot(viewer, app, "05_prediction_3d.png")
     print(widget.status.text())
     assert np.asarray(viewer.layers["cardiac MR phantom prediction"].data).any()
