@@ -275,3 +275,16 @@ def test_the_event_loop_keeps_running_while_training(
     print(f"longest event-loop gap while training: {gaps.max():.1f} ms over {len(ticks)} ticks")
     # Ticks arrived between the training steps, not only before and after the job.
     assert len(ticks) > 2 * len(steps_seen)
+
+
+def test_pickers_follow_a_renamed_layer(widget_with_scan, small_phantom):
+    viewer, widget = widget_with_scan
+    annotation = widget.new_annotation_layer()
+    _paint(annotation, small_phantom.labels.array)
+    annotation.name = "annotation (2 slices)"  # what `fewlabel demo` does
+    viewer.layers["phantom"].name = "heart MRI"
+    assert widget.selected_labels() is annotation
+    assert widget.selected_image() is viewer.layers["heart MRI"]
+    assert widget.labels_combo.currentText() == "annotation (2 slices)"
+    assert widget.image_combo.currentText() == "heart MRI"
+    assert widget.slice_count.text().startswith("2 z (axial) slice(s)")

@@ -106,6 +106,8 @@ class FinetuneWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self.viewer.layers.events.reordered.connect(self._refresh_layers)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_layers)
         self._refresh_layers()
         self._watch_viewer_close()
 
@@ -225,20 +227,25 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------ layers
     def _refresh_layers(self, event: Any = None) -> None:
+        # The pickers keep the layers themselves (item data), so a renamed layer stays
+        # selected; the text shown is the layer's current name.
         for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
-            current = combo.currentText()
+            current = combo.currentData()
             combo.blockSignals(True)
             combo.clear()
-            names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)]
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+            for layer in self.viewer.layers:
+                if isinstance(layer, kind):
+                    combo.addItem(layer.name, layer)
+            index = combo.findData(current) if current is not None else -1
+            if index >= 0:
+                combo.setCurrentIndex(index)
             combo.blockSignals(False)
         if event is not None and getattr(event, "type", "") == "inserted":
             layer = event.value
+            layer.events.name.connect(self._refresh_layers)
             # A new Labels layer becomes the annotation, unless it is a prediction.
             if isinstance(layer, Labels) and not layer.metadata.get(PREDICTION_KEY):
-                self.labels_combo.setCurrentText(layer.name)
+                self.labels_combo.setCurrentIndex(self.labels_combo.findData(layer))
         self._on_image_changed()
         self._on_labels_changed()
 
@@ -247,10 +254,12 @@ class FinetuneWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def selected_image(self) -> Image | None:
-        return self._layer(self.image_combo.currentText())
+        layer = self.image_combo.currentData()
+        return layer if layer in self.viewer.layers else None
 
     def selected_labels(self) -> Labels | None:
-        return self._layer(self.labels_combo.currentText())
+        layer = self.labels_combo.currentData()
+        return layer if layer in self.viewer.layers else None
 
     def _on_image_changed(self, *_: Any) -> None:
         image = self.selected_image()
@@ -356,7 +365,7 @@ class FinetuneWidget(QWidget):
         layer.selected_label = 1
         layer.mode = "paint"
         layer.brush_size = 10
-        self.labels_combo.setCurrentText(layer.name)
+        self.labels_combo.setCurrentIndex(self.labels_combo.findData(layer))
         self.viewer.layers.selection.active = layer
         show_info(
             "Paint a few slices (any nonzero value marks the whole slice as labelled; "
