@@ -11,7 +11,7 @@ import pytest
 from napari_fewlabel.data.phantoms import cardiac_phantom
 from napari_fewlabel.infer.metrics import class_metrics
 from napari_fewlabel.io import METADATA_KEY
-from napari_fewlabel.models.checkpoint import load_checkpoint
+from napari_fewlabel.models.checkpoint import load_checkpoint, load_optimizer_state
 from napari_fewlabel.napari._layers import image_layer_data
 from napari_fewlabel.napari._widget import FinetuneWidget
 from napari_fewlabel.train.events import Done, Progress
@@ -104,6 +104,8 @@ def test_full_loop_on_the_phantom(widget_with_scan, small_phantom, qtbot, tmp_pa
 
     model_path = widget.save_model(tmp_path / "phantom-model.safetensors")
     assert load_checkpoint(model_path).card.class_names[1] == small_phantom.classes[1].name
+    assert load_optimizer_state(model_path) is None  # weights and card only
+    assert model_path.stat().st_size < done[0].checkpoint.stat().st_size / 2
     assert widget.start_button.text() == "Start"
 
 

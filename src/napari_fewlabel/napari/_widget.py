@@ -44,7 +44,6 @@ from napari_fewlabel.data.presets import CLASS_PRESETS, CUSTOM
 from napari_fewlabel.data.slices import AXIS_NAMES, infer_slice_axis, labelled_slices
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
-from napari_fewlabel.io.atomic import atomic_path
 from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict, predict_with_model
 from napari_fewlabel.napari._layers import labels_layer_data, volume_from_layer
 from napari_fewlabel.napari._plot import LinePlot
@@ -611,7 +610,13 @@ class FinetuneWidget(QWidget):
             self.save_model(Path(path))
 
     def save_model(self, path: Path) -> Path | None:
-        """Copy the last checkpoint to ``path`` (atomically)."""
+        """Write the last model to ``path``: weights and card, without the optimizer state.
+
+        The job's own checkpoint also keeps the optimizer's moments (to resume a
+        run); a model to keep or share does not need them (a third of the size).
+        """
+        from napari_fewlabel.models.checkpoint import load_checkpoint, save_checkpoint
+
         if self._checkpoint is None or not self._checkpoint.exists():
             show_error("No model yet: fine-tune first (Start), then save.")
             return None
@@ -619,8 +624,8 @@ class FinetuneWidget(QWidget):
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         try:
-            with atomic_path(path) as tmp:
-                shutil.copyfile(self._checkpoint, tmp)
+            model = load_checkpoint(self._checkpoint)
+            save_checkpoint(path, model.network, model.card)
         except FewLabelError as exc:
             show_error(str(exc))
             return None
