@@ -49,3 +49,10 @@ def test_unknown_name_lists_the_known_ones(folders):
 def test_default_user_folder_is_per_user_data_dir():
     assert registry.user_model_dir().name == "models"
     assert "napari-fewlabel" in str(registry.user_model_dir())
+
+
+def test_a_jobs_resume_state_is_not_listed_as_a_model(folders):
+    user, _ = folders
+    (user / "encoder.safetensors").write_bytes(b"x")
+    (user / "encoder.state.safetensors").write_bytes(b"x")  # written by fewlabel pretrain
+    assert [e.name for e in registry.list_models()] == ["encoder"]

@@ -167,6 +167,30 @@ def build_network(card: ModelCard) -> TwoStreamUNet:
 
 
 # ----------------------------------------------------------------------- save
+#: Suffix of a job's training state (optimizer, critic, queue, ...) written next to its output.
+STATE_SUFFIX = ".state.safetensors"
+
+
+def state_path(model_path: str | os.PathLike[str]) -> Path:
+    """The training-state file that goes with a job's output file (or the state file itself)."""
+    path = Path(model_path)
+    if path.name.endswith(STATE_SUFFIX):
+        return path
+    return path.with_name(path.name.removesuffix(".safetensors") + STATE_SUFFIX)
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Refuse a job's ``--out`` before any work: it must be a .safetensors file in a folder that exists."""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise FewLabelError(f"--out must end in .safetensors, got {out.name!r}.")
+    if not out.parent.is_dir():
+        raise FewLabelError(
+            f"Folder {out.parent} does not exist: create it or choose another --out."
+        )
+    return out
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     network: torch.nn.Module,

@@ -22,7 +22,7 @@ import platformdirs
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Modality
-from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
+from napari_fewlabel.models.checkpoint import STATE_SUFFIX, is_encoder_only, read_card
 
 #: Starter weights that ship inside the package.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "weights"
@@ -59,6 +59,8 @@ def list_models() -> list[ModelEntry]:
     for source, folder in (("user", user_model_dir()), ("shipped", SHIPPED_MODEL_DIR)):
         if folder.is_dir():
             for path in sorted(folder.glob(f"*{MODEL_SUFFIX}")):
+                if path.name.endswith(STATE_SUFFIX):  # a job's resume state, not a model
+                    continue
                 entries.append(ModelEntry(path.name[: -len(MODEL_SUFFIX)], path, source))  # type: ignore[arg-type]
     return entries
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -70,11 +69,13 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import (
     ModelCard,
+    check_output_path,
     load_checkpoint,
     load_optimizer_state,
     read_card,
     read_model_tensors,
     save_checkpoint,
+    state_path,
 )
 from napari_fewlabel.models.critic import DomainCritic, gradient_penalty, resize_to
 from napari_fewlabel.models.registry import resolve_model
@@ -90,8 +91,6 @@ from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progre
 
 #: Default number of joint updates (warm-up included).
 DEFAULT_STEPS = 300
-#: Suffix of the training state (critic + optimizer) written next to the adapted model.
-STATE_SUFFIX = ".state.safetensors"
 
 
 @dataclass(frozen=True)
@@ -217,12 +216,6 @@ class AdaptJob:
     checkpoint_every_s: float = 60.0
 
 
-def state_path(model_path: str | os.PathLike[str]) -> Path:
-    """Where the training state of the adapted model ``model_path`` lives."""
-    path = Path(model_path)
-    return path.with_name(path.name.removesuffix(".safetensors") + STATE_SUFFIX)
-
-
 # ------------------------------------------------------------------ network
 def encoder_stage_count(network: TwoStreamUNet) -> int:
     """Stages of the encoder: the full-resolution stem, then one per level."""
@@ -325,13 +318,7 @@ def _source_volumes(job: AdaptJob, card: ModelCard) -> tuple[tuple[Volume, ...],
 
 
 def _check_inputs(job: AdaptJob) -> None:
-    out = Path(job.out)
-    if out.suffix != ".safetensors":
-        raise FewLabelError(f"--out must end in .safetensors, got {out.name!r}.")
-    if not out.parent.is_dir():
-        raise FewLabelError(
-            f"Folder {out.parent} does not exist: create it or choose another --out."
-        )
+    check_output_path(job.out)
     if job.steps < 1:
         raise FewLabelError(f"steps must be at least 1, got {job.steps}.")
     if not job.target:

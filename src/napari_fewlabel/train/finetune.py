@@ -57,6 +57,7 @@ from napari_fewlabel.losses.cross_pseudo_supervision import (
 from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import (
     ModelCard,
+    check_output_path,
     is_encoder_only,
     load_checkpoint,
     load_encoder_weights,
@@ -625,13 +626,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         For any problem with the inputs (raised before training starts) or a
         GPU that runs out of memory at batch size 1.
     """
-    out = Path(job.out)
-    if out.suffix != ".safetensors":
-        raise FewLabelError(f"--out must end in .safetensors, got {out.name!r}.")
-    if not out.parent.is_dir():
-        raise FewLabelError(
-            f"Folder {out.parent} does not exist: create it or choose another --out."
-        )
+    out = check_output_path(job.out)
     if job.steps < 1:
         raise FewLabelError(f"steps must be at least 1, got {job.steps}.")
     data = _prepare(job)

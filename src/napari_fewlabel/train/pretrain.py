@@ -93,11 +93,13 @@ from napari_fewlabel.losses.moco import KeyQueue, moco_infonce
 from napari_fewlabel.models.checkpoint import (
     ENCODER_ONLY_KEY,
     ModelCard,
+    check_output_path,
     load_optimizer_state,
     read_card,
     read_model_tensors,
     save_checkpoint,
     save_encoder_checkpoint,
+    state_path,
 )
 from napari_fewlabel.models.heads import MLPHead, hypercolumn, level_channels
 from napari_fewlabel.models.unet2d import DenseProjectionHead, Encoder, UNetConfig
@@ -116,8 +118,6 @@ METHODS: tuple[Method, ...] = ("ideal", "medmoco")
 
 #: Default number of steps: about 30 minutes on 2 CPU cores at the default sizes.
 DEFAULT_STEPS = 1500
-
-STATE_SUFFIX = ".state.safetensors"
 
 
 @dataclass(frozen=True)
@@ -345,14 +345,6 @@ class PretrainJob:
     num_workers: int = 1
 
 
-def state_path(encoder_path: str | os.PathLike[str]) -> Path:
-    """The training-state file that goes with an encoder file."""
-    path = Path(encoder_path)
-    if path.name.endswith(STATE_SUFFIX):
-        return path
-    return path.with_name(path.name.removesuffix(".safetensors") + STATE_SUFFIX)
-
-
 # ------------------------------------------------------------------ networks
 @dataclass
 class _Outputs:
@@ -516,13 +508,7 @@ def run(job: PretrainJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     FewLabelError
         For problems with the inputs (raised before training starts).
     """
-    out = Path(job.out)
-    if out.suffix != ".safetensors":
-        raise FewLabelError(f"--out must end in .safetensors, got {out.name!r}.")
-    if not out.parent.is_dir():
-        raise FewLabelError(
-            f"Folder {out.parent} does not exist: create it or choose another --out."
-        )
+    out = check_output_path(job.out)
     if job.steps < 1:
         raise FewLabelError(f"steps must be at least 1, got {job.steps}.")
     if job.slice_size % job.architecture.size_divisor:
