@@ -96,3 +96,13 @@ def check_classes(classes: Iterable[SegmentationClass]) -> tuple[SegmentationCla
     if len(classes) < 2:
         raise FewLabelError("Give at least two classes: background and one structure.")
     return classes
+
+
+#: Emphysema subtype maps (Fleischner Society subtypes; 0 = not lung or not labelled).
+EMPHYSEMA_SUBTYPES: tuple[SegmentationClass, ...] = (
+    SegmentationClass(0, "background", (0, 0, 0)),
+    SegmentationClass(1, "normal lung", (60, 180, 75)),
+    SegmentationClass(2, "centrilobular", (255, 225, 25)),
+    SegmentationClass(3, "paraseptal", (0, 130, 200)),
+    SegmentationClass(4, "panlobular", (230, 25, 75)),
+)

@@ -56,12 +56,9 @@ atomically every ``checkpoint_every`` steps and at the end; ``resume_from``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import math
-import os
-import platform
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -82,7 +79,6 @@ from napari_fewlabel.data.classes import default_classes
 from napari_fewlabel.data.normalization import NormalizationConfig
 from napari_fewlabel.data.views import ViewConfig, ViewPair, make_view_pair
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io.volume import Modality
 from napari_fewlabel.losses.decorrelation import off_diagonal_correlation_penalty
 from napari_fewlabel.losses.dense_contrastive import (
     dense_infonce,
@@ -109,9 +105,20 @@ from napari_fewlabel.train.device import (
     describe_device,
     memory_mb,
     precision_for,
-    resolve_device,
 )
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
+from napari_fewlabel.train.pretrain_base import (
+    Ranks,
+    any_rank,
+    card_modality,
+    device_for,
+    finish_distributed,
+    hardware_text,
+    init_distributed,
+    lr_factor,
+    momentum_update,
+    move_optimizer_state,
+)
 
 Method = Literal["ideal", "medmoco"]
 METHODS: tuple[Method, ...] = ("ideal", "medmoco")
@@ -411,83 +418,10 @@ def _region_embeddings(
     return torch.stack(out), inside
 
 
-# ------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class _Ranks:
-    rank: int
-    world_size: int
-    local_rank: int
-    started_group: bool
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_name: str) -> _Ranks:
-    """Join the torchrun process group when its environment variables are set."""
-    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE")):
-        return _Ranks(0, 1, 0, False)
-    world_size = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    started = False
-    if world_size > 1 and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        started = True
-    return _Ranks(rank, world_size, local_rank, started)
-
-
-def _device_for(job: PretrainJob, ranks: _Ranks) -> torch.device:
-    device = resolve_device(job.device)
-    if device.type == "cuda" and ranks.world_size > 1:
-        device = torch.device("cuda", ranks.local_rank)
-    return device
-
-
-def _any_rank(flag: bool, ranks: _Ranks, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any (so all ranks stop together)."""
-    if ranks.world_size == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 # ------------------------------------------------------------------- helpers
-def _lr_factor(step: int, progress: float) -> float:
-    """Linear warm-up over the first 10 steps, then cosine decay to 0 as ``progress`` goes to 1."""
-    warm = min(1.0, (step + 1) / 10)
-    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _auto_queue_size(slices: int, global_batch: int) -> int:
     quarter = (slices // 4) // global_batch * global_batch
     return int(min(65536, max(global_batch, quarter)))
-
-
-def _hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} CPU cores visible"
-
-
-def _card_modality(modalities: Mapping[str, Modality]) -> Modality:
-    kinds = set(modalities.values())
-    return kinds.pop() if len(kinds) == 1 else "unknown"
-
-
-@torch.no_grad()
-def _momentum_update(query: nn.Module, key: nn.Module, m: float) -> None:
-    for q, k in zip(query.parameters(), key.parameters(), strict=True):
-        k.mul_(m).add_(q.detach(), alpha=1 - m)
 
 
 # ------------------------------------------------------------------------ run
@@ -520,19 +454,16 @@ def run(job: PretrainJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             f"The view size {job.settings.views.size} must be a multiple of "
             f"{job.architecture.size_divisor} on each side."
         )
-    ranks = _init_distributed(job.device)
+    ranks = init_distributed(job.device)
     try:
         yield from _train(job, out, ranks, cancel)
     finally:
-        if ranks.started_group and dist.is_initialized():
-            dist.destroy_process_group()
+        finish_distributed(ranks)
 
 
-def _train(
-    job: PretrainJob, out: Path, ranks: _Ranks, cancel: CancelFlag | None
-) -> Iterator[Event]:
+def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None) -> Iterator[Event]:
     settings = job.settings
-    device = _device_for(job, ranks)
+    device = device_for(job.device, ranks)
     device_text = describe_device(device)
     precision = precision_for(device)
     archive = SliceArchive(
@@ -587,7 +518,7 @@ def _train(
     if key is not None:
         key.to(device).train()
     queue.to(device)
-    _move_optimizer_state(optimizer, device)
+    move_optimizer_state(optimizer, device)
     model: nn.Module = query
     if ranks.world_size > 1:
         model = DistributedDataParallel(
@@ -631,7 +562,7 @@ def _train(
 
     def card_for(steps_done: int) -> ModelCard:
         modalities = archive.survey()
-        modality = _card_modality(modalities)
+        modality = card_modality(modalities)
         normalization = NormalizationConfig.for_modality(modality, window_hu=job.ct_window_hu)
         return ModelCard(
             architecture={**job.architecture.to_dict(), ENCODER_ONLY_KEY: True},
@@ -664,7 +595,7 @@ def _train(
                 "seed": job.seed,
                 "device": device_text,
                 "precision": precision.name,
-                "hardware": _hardware(),
+                "hardware": hardware_text(),
                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "train_seconds": round(train_seconds0 + time.perf_counter() - start, 1),
                 "storage_dtype": "float16" if job.half else "float32",
@@ -682,7 +613,7 @@ def _train(
 
     def train_step(batch: torch.Tensor, step: int) -> dict[str, float]:
         for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(step, progress_at(step))
+            group["lr"] = settings.learning_rate * lr_factor(step, progress_at(step))
         batch = batch.to(device, non_blocking=True)
         pair = make_view_pair(batch, settings.views, generator)
         b = batch.shape[0]
@@ -765,7 +696,7 @@ def _train(
             # After the backward pass: the loss's graph holds the queue as it was.
             queue.enqueue(new_keys)
         if key is not None:
-            _momentum_update(query, key, settings.momentum)
+            momentum_update(query, key, settings.momentum)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FewLabelError(
@@ -784,7 +715,7 @@ def _train(
         stop = cancel is not None and cancel.is_set()
         if job.time_budget_s is not None:
             stop = stop or time.perf_counter() - start >= job.time_budget_s
-        if _any_rank(stop, ranks, device):
+        if any_rank(stop, ranks, device):
             cancelled = cancel is not None and cancel.is_set()
             break
         t0 = time.perf_counter()
@@ -901,13 +832,6 @@ def _resume(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     return int(card.training.get("steps_done", 0)), float(card.training.get("train_seconds", 0.0))
-
-
-def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for entries in optimizer.state.values():
-        for name, value in entries.items():
-            if isinstance(value, torch.Tensor) and name != "step":
-                entries[name] = value.to(device)
 
 
 def with_overrides(settings: PretrainSettings, **changes: Any) -> PretrainSettings:

@@ -1,0 +1,125 @@
+"""What every pretraining method shares: torchrun ranks, schedule, momentum update, hardware.
+
+:mod:`napari_fewlabel.train.pretrain` (2D IDEAL / med-moco) and
+:mod:`napari_fewlabel.train.pretrain_drasclr` (3D DrasCLR) run the same way
+under ``torchrun``: every process joins the process group that torchrun's
+environment variables describe (NCCL on CUDA, gloo on CPU), CUDA ranks use
+``cuda:LOCAL_RANK``, only rank 0 yields events and writes checkpoints, and
+all ranks stop together when any of them is told to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from napari_fewlabel.io.volume import Modality
+from napari_fewlabel.train.device import resolve_device
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands under torchrun (``0, 1, 0, False`` when run alone).
+
+    Attributes
+    ----------
+    rank, world_size, local_rank : int
+    started_group : bool
+        This job initialised the process group (and must destroy it).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    started_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Ranks:
+    """Join the torchrun process group when its environment variables are set."""
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE")):
+        return Ranks(0, 1, 0, False)
+    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    started = False
+    if world_size > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        started = True
+    return Ranks(rank, world_size, local_rank, started)
+
+
+def finish_distributed(ranks: Ranks) -> None:
+    """Leave the process group if this job started it."""
+    if ranks.started_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(device_name: str, ranks: Ranks) -> torch.device:
+    """The device a job asked for; under torchrun, CUDA ranks get ``cuda:LOCAL_RANK``."""
+    device = resolve_device(device_name)
+    if device.type == "cuda" and ranks.world_size > 1:
+        device = torch.device("cuda", ranks.local_rank)
+    return device
+
+
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any (so all ranks stop together)."""
+    if ranks.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def lr_factor(step: int, progress: float) -> float:
+    """Linear warm-up over the first 10 steps, then cosine decay to 0 as ``progress`` goes to 1."""
+    warm = min(1.0, (step + 1) / 10)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def hardware_text() -> str:
+    """CPU model and core count, for model cards."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} CPU cores visible"
+
+
+def card_modality(modalities: Mapping[str, Modality]) -> Modality:
+    """The one modality of an archive, or ``"unknown"`` when it mixes them."""
+    kinds = set(modalities.values())
+    return kinds.pop() if len(kinds) == 1 else "unknown"
+
+
+@torch.no_grad()
+def momentum_update(query: nn.Module, key: nn.Module, m: float) -> None:
+    """MoCo's :math:`\\theta_k \\leftarrow m \\theta_k + (1 - m) \\theta_q`."""
+    for q, k in zip(query.parameters(), key.parameters(), strict=True):
+        k.mul_(m).add_(q.detach(), alpha=1 - m)
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move a resumed optimizer's moments to ``device`` (its step counters stay on the CPU)."""
+    for entries in optimizer.state.values():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor) and name != "step":
+                entries[name] = value.to(device)
