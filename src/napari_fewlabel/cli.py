@@ -6,9 +6,9 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 * ``fewlabel info SCAN`` -- shape, spacing, orientation, intensity range, modality.
 * ``fewlabel finetune IMAGE LABELS --out model.safetensors`` -- fine-tune on a
   few labelled slices, with a progress bar.
-* ``fewlabel pretrain DATA... --method ideal|medmoco --out encoder.safetensors`` --
+* ``fewlabel pretrain DATA... --method ideal|medmoco|drasclr --out encoder.safetensors`` --
   self-supervised pretraining of the encoder on unlabelled scans (also under
-  ``torchrun --nproc_per_node=N``).
+  ``torchrun --nproc_per_node=N``); drasclr: the 3D encoder for emphysema subtypes.
 * ``fewlabel adapt SOURCE_MODEL --target CT... --source MRI... --out adapted.safetensors`` --
   adapt an MRI model to CT without CT labels (Dou et al. 2018).
 * ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
@@ -390,15 +390,24 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         help="self-supervised pretraining of the encoder on unlabelled scans",
         description="Pretrain the fine-tuning network's encoder on unlabelled scans with IDEAL "
         "dense contrastive learning or med-moco (MoCo v2 + local contrast + feature "
-        "decorrelation). Scans are read lazily and slices sampled on the fly. Writes the "
-        "encoder to --out (start fine-tuning from it with `fewlabel finetune --model`) and the "
-        "training state next to it (<name>.state.safetensors, for --resume). Runs on several "
-        "processes under `torchrun --nproc_per_node=N -m napari_fewlabel.cli pretrain ...`.",
+        "decorrelation), or the 3D DrasCLR encoder for emphysema subtypes on chest CTs "
+        "(--method drasclr: location-conditioned patches from the lungs). Scans are read lazily "
+        "and slices or patches sampled on the fly. Writes the encoder to --out (start "
+        "fine-tuning from it with `fewlabel finetune --model`, or subtype mapping with "
+        "`fewlabel emphysema --encoder`) and the training state next to it "
+        "(<name>.state.safetensors, for --resume). Runs on several processes under "
+        "`torchrun --nproc_per_node=N -m napari_fewlabel.cli pretrain ...`.",
     )
     p.add_argument(
         "data", nargs="+", type=Path, help="scan files or folders (NIfTI, NRRD, MHA, DICOM, .inv3)"
     )
-    p.add_argument("--method", choices=("ideal", "medmoco"), default="ideal")
+    p.add_argument(
+        "--method",
+        choices=("ideal", "medmoco", "drasclr"),
+        default="ideal",
+        help="ideal or medmoco: the 2D fine-tuning encoder; drasclr: the 3D location-"
+        "conditioned encoder for emphysema subtypes, on chest CT (default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, required=True, help="encoder file to write (.safetensors)")
     p.add_argument(
         "--steps", type=int, help="training steps (default: about 30 minutes on 2 CPU cores)"
@@ -411,17 +420,32 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, help="InfoNCE temperature")
     p.add_argument("--momentum", type=float, help="momentum of the key encoder")
-    p.add_argument("--queue-size", type=int, help="MoCo queue length (default: sized to the data)")
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        help="MoCo queue length (default: sized to the data; drasclr: keys per location bin, 64)",
+    )
     p.add_argument("--decorrelation", type=float, metavar="WEIGHT", help="decorrelation weight")
     p.add_argument("--view-size", type=int, help="side of the augmented views in pixels")
     p.add_argument("--slice-size", type=int, default=256, help="side slices are fitted to")
     p.add_argument("--half", action="store_true", help="store the encoder in float16")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    p.add_argument(
+        "--patch-size", type=int, help="(drasclr) side of the 3D patches in voxels (default 32)"
+    )
+    p.add_argument(
+        "--patch-spacing", type=float, metavar="MM", help="(drasclr) patch voxel size (default 1)"
+    )
     p.set_defaults(func=_cmd_pretrain)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
+
+    if args.method == "drasclr":
+        return _cmd_pretrain_drasclr(args)
+    if args.patch_size is not None or args.patch_spacing is not None:
+        raise FewLabelError("--patch-size and --patch-spacing are for --method drasclr.")
 
     from napari_fewlabel.train.pretrain import (
         DEFAULT_STEPS,
@@ -467,6 +491,65 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         f"{s['train_seconds']:.0f} s ({s.get('slices_per_s', 0):.1f} slices/s"
         + (f", effective rank {rank:.1f}" if rank is not None else "")
         + f"); training state in {s['state']}."
+    )
+    return 0
+
+
+def _cmd_pretrain_drasclr(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from napari_fewlabel.models.drasclr import DrasCLRConfig
+    from napari_fewlabel.train.pretrain_drasclr import (
+        DEFAULT_STEPS,
+        DrasCLRPretrainJob,
+        DrasCLRSettings,
+        run,
+        with_overrides,
+    )
+
+    not_for_drasclr = {
+        "--view-size": args.view_size,
+        "--decorrelation": args.decorrelation,
+        "--slice-size": None if args.slice_size == 256 else args.slice_size,
+    }
+    given = [name for name, value in not_for_drasclr.items() if value is not None]
+    if given:
+        raise FewLabelError(f"{', '.join(given)} do(es) not apply to --method drasclr: leave out.")
+    settings = with_overrides(
+        DrasCLRSettings(),
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        momentum=args.momentum,
+        queue_size=args.queue_size,
+    )
+    architecture = DrasCLRConfig()
+    if args.patch_size is not None or args.patch_spacing is not None:
+        architecture = replace(
+            architecture,
+            patch_size=args.patch_size or architecture.patch_size,
+            patch_spacing_mm=args.patch_spacing or architecture.patch_spacing_mm,
+        )
+    job = DrasCLRPretrainJob(
+        data=tuple(args.data),
+        out=args.out,
+        settings=settings,
+        architecture=architecture,
+        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+        time_budget_s=args.time_budget,
+        device=args.device,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        resume_from=args.resume,
+        half=args.half,
+    )
+    done = _show_progress(run(job))
+    if done is None:  # under torchrun, only rank 0 reports
+        return 0
+    s = done.summary
+    print(
+        f"Wrote {done.checkpoint} after {s['steps_done']} steps in {s['train_seconds']:.0f} s "
+        f"({s.get('patches_per_s', 0):.1f} patches/s); training state in {s['state']}. Use it "
+        f"with `fewlabel emphysema CT --out DIR --subtype-labels LABELS --encoder {done.checkpoint}`."
     )
     return 0
 

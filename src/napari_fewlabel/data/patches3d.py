@@ -295,3 +295,18 @@ def intensity_augment(
             patches.dtype
         )
     return patches
+
+
+def augmented_patches(
+    prepared: PreparedScan,
+    centres: np.ndarray,
+    patch_size: int,
+    augment: PatchAugment,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augmented patches ``(n, 1, P, P, P)`` around grid ``centres`` ``(n, 3)``, and the
+    locations ``(n, 3)`` of their (shifted) centres."""
+    matrices, shifts = random_transforms(len(centres), augment, patch_size, generator)
+    patches = sample_patches(prepared, centres, patch_size, matrices=matrices, shifts=shifts)
+    patches = intensity_augment(patches, augment, generator)
+    return patches, prepared.locations(np.asarray(centres) + shifts.numpy())

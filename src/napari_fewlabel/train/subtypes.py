@@ -43,15 +43,7 @@ import torch.nn.functional as F
 from napari_fewlabel import __version__
 from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
 from napari_fewlabel.data.normalization import NormalizationConfig
-from napari_fewlabel.data.patches3d import (
-    HU_WINDOW,
-    PatchAugment,
-    PreparedScan,
-    intensity_augment,
-    prepare_scan,
-    random_transforms,
-    sample_patches,
-)
+from napari_fewlabel.data.patches3d import HU_WINDOW, PatchAugment, augmented_patches, prepare_scan
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.lungs import LungMasks, require_ct_in_hu, segment_lungs
 from napari_fewlabel.infer.subtypes import SUBTYPE_TASK
@@ -304,7 +296,7 @@ def run(job: SubtypeJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                 scan_index, voxels = centres[c][s]
                 n = int(np.count_nonzero(picks == s))
                 chosen = voxels[rng.integers(0, len(voxels), size=n)]
-                patch, location = _augmented(
+                patch, location = augmented_patches(
                     prepared[scan_index], chosen, config.patch_size, settings.augment, generator
                 )
                 noise = torch.randn(location.shape, generator=generator) * settings.location_noise
@@ -400,18 +392,3 @@ def run(job: SubtypeJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         },
         cancelled=cancelled,
     )
-
-
-def _augmented(
-    prepared: PreparedScan,
-    centres: np.ndarray,
-    patch_size: int,
-    augment: PatchAugment,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augmented patches around grid ``centres`` ``(n, 3)`` and the locations of their centres."""
-    matrices, shifts = random_transforms(len(centres), augment, patch_size, generator)
-    patches = sample_patches(prepared, centres, patch_size, matrices=matrices, shifts=shifts)
-    patches = intensity_augment(patches, augment, generator)
-    locations = prepared.locations(np.asarray(centres) + shifts.numpy())
-    return patches, locations
