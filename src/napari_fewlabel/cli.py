@@ -12,7 +12,8 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 * ``fewlabel adapt SOURCE_MODEL --target CT... --source MRI... --out adapted.safetensors`` --
   adapt an MRI model to CT without CT labels (Dou et al. 2018).
 * ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
-* ``fewlabel emphysema CT --out DIR`` -- lung masks and %LAA-950 of a chest CT.
+* ``fewlabel emphysema CT --out DIR [--subtype-labels LABELS]`` -- lung masks and
+  %LAA-950 of a chest CT; with a few labelled regions, a dense emphysema subtype map.
 * ``fewlabel evaluate PRED TRUTH`` -- Dice, HD95 and ASD per class (table + JSON).
 
 A :class:`~napari_fewlabel.errors.FewLabelError` prints its message on stderr
@@ -25,7 +26,9 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -150,6 +153,42 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
         help="low-attenuation threshold in HU (default -950)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    subtypes = p.add_argument_group(
+        "emphysema subtypes",
+        "Map centrilobular, paraseptal and panlobular emphysema over the lungs from a few "
+        "regions you labelled on this CT (DrasCLR patch classifier): writes subtypes.nii.gz "
+        "(0 not lung, 1 normal lung, 2 centrilobular, 3 paraseptal, 4 panlobular), "
+        "subtype_model.safetensors, and the share of each subtype per region in the CSV/JSON.",
+    )
+    source = subtypes.add_mutually_exclusive_group()
+    source.add_argument(
+        "--subtype-labels",
+        type=Path,
+        metavar="LABELS",
+        help="label map on the CT's grid: 0 unlabelled, 1 normal lung, 2 centrilobular, "
+        "3 paraseptal, 4 panlobular (a few painted regions of at least two subtypes)",
+    )
+    source.add_argument(
+        "--subtype-model",
+        metavar="MODEL",
+        help="map subtypes with a model trained before (its subtype_model.safetensors)",
+    )
+    subtypes.add_argument(
+        "--encoder",
+        metavar="ENCODER",
+        help="start the classifier from this DrasCLR encoder (`fewlabel pretrain --method "
+        "drasclr`; default: a random encoder)",
+    )
+    subtypes.add_argument(
+        "--subtype-steps", type=int, default=300, metavar="STEPS", help="training steps (300)"
+    )
+    subtypes.add_argument(
+        "--stride",
+        type=int,
+        metavar="VOXELS",
+        help="patch voxels between classified patches (default: a quarter of the patch side)",
+    )
+    subtypes.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.set_defaults(func=_cmd_emphysema)
 
 
@@ -163,27 +202,59 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FewLabelError(f"{out} is a file: give --out a folder for the results.")
+    if args.encoder and not args.subtype_labels:
+        raise FewLabelError("--encoder starts subtype training: give --subtype-labels too.")
     scan = load_volume(args.ct)
+    subtype_labels = None
+    if args.subtype_labels:
+        from napari_fewlabel.train.subtypes import check_subtype_labels, labelled_subtypes
+
+        subtype_labels = load_volume(args.subtype_labels)
+        labelled_subtypes([check_subtype_labels(scan, subtype_labels, args.subtype_labels.name)])
     # Everything is computed before the first file is written: a scan that cannot be
     # scored leaves the output folder untouched.
     report = quantify_emphysema(scan, threshold_hu=args.threshold)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FewLabelError(
-            f"Cannot create {out} ({exc.strerror}): choose a folder you can write to."
-        ) from exc
-    written = [
-        save_labels(report.lungs.labels, like=scan, path=out / "lungs.nii.gz"),
-        save_labels(report.low_attenuation, like=scan, path=out / "low_attenuation.nii.gz"),
-    ]
-    rows = report.to_table()
+    with tempfile.TemporaryDirectory(prefix="fewlabel-subtypes-") as scratch:
+        subtype_map, model_file = None, None
+        if subtype_labels is not None or args.subtype_model:
+            subtype_map, model_file = _map_subtypes(args, scan, subtype_labels, report, scratch)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FewLabelError(
+                f"Cannot create {out} ({exc.strerror}): choose a folder you can write to."
+            ) from exc
+        written = [
+            save_labels(report.lungs.labels, like=scan, path=out / "lungs.nii.gz"),
+            save_labels(report.low_attenuation, like=scan, path=out / "low_attenuation.nii.gz"),
+        ]
+        if subtype_map is not None:
+            written.append(save_labels(subtype_map.labels, like=scan, path=out / "subtypes.nii.gz"))
+        if model_file is not None:
+            with atomic_path(out / "subtype_model.safetensors") as tmp:
+                shutil.copyfile(model_file, tmp)
+            written.append(out / "subtype_model.safetensors")
+    rows: list[dict[str, Any]] = list(report.to_table())
+    if subtype_map is not None:
+        for row in rows:
+            shares = subtype_map.percent(report.region_mask(str(row["region"])))
+            row.update({f"{name.replace(' ', '_')}_percent": v for name, v in shares.items()})
     with atomic_path(out / "emphysema.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     written.append(out / "emphysema.csv")
     document = {"scan": str(args.ct), **report.to_dict()}
+    if subtype_map is not None:
+        document["subtypes"] = {
+            **subtype_map.to_dict(),
+            "labels": str(args.subtype_labels) if args.subtype_labels else None,
+            "model": str(args.subtype_model or out / "subtype_model.safetensors"),
+            "by_region": {
+                str(row["region"]): subtype_map.percent(report.region_mask(str(row["region"])))
+                for row in rows
+            },
+        }
     with atomic_path(out / "emphysema.json") as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n")
     written.append(out / "emphysema.json")
@@ -199,12 +270,50 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
             f"{_cell(row['laa_percent'], 9, 2)} {_cell(row['laa_910_percent'], 9, 2)} "
             f"{_cell(row['perc15_hu'], 10, 0)}"
         )
+    if subtype_map is not None:
+        shares = subtype_map.percent()
+        print(
+            "subtypes (% of lung): "
+            + ", ".join(f"{name} {_cell(v, 0, 1).strip()}" for name, v in shares.items())
+        )
     if report.lungs.lungs_were_split:
         print("note: the lungs touched and were separated where they are thinnest")
     if not report.lungs.airway.any():
         print("note: no trachea found in the field of view")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _map_subtypes(
+    args: argparse.Namespace, scan: Any, labels: Any, report: Any, scratch: str
+) -> tuple[Any, Path | None]:
+    """Train a subtype model on ``labels`` (or load ``--subtype-model``) and map the lungs."""
+    from napari_fewlabel.infer.subtypes import load_subtype_model, map_subtypes
+    from napari_fewlabel.models.registry import resolve_model
+    from napari_fewlabel.train.subtypes import SubtypeJob, run
+
+    model_file: Path | None = None
+    if labels is not None:
+        if args.subtype_steps < 1:
+            raise FewLabelError(f"--subtype-steps must be at least 1, got {args.subtype_steps}.")
+        job = SubtypeJob(
+            scans=(scan,),
+            labels=(labels,),
+            out=Path(scratch) / "subtype_model.safetensors",
+            encoder=args.encoder,
+            lungs=(report.lungs,),
+            steps=args.subtype_steps,
+            device=args.device,
+        )
+        done = _show_progress(run(job))
+        model_file = done.checkpoint
+        model = load_subtype_model(model_file)
+    else:
+        model = load_subtype_model(resolve_model(args.subtype_model))
+    if args.stride is not None and args.stride < 1:
+        raise FewLabelError(f"--stride must be at least 1, got {args.stride}.")
+    subtype_map = map_subtypes(model, scan, report.lungs, stride=args.stride, device=args.device)
+    return subtype_map, model_file
 
 
 def _cell(value: object, width: int, digits: int) -> str:

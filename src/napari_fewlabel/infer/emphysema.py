@@ -123,6 +123,10 @@ class EmphysemaReport:
         """%LAA of both lungs at :attr:`threshold_hu`."""
         return self.region("both lungs").laa_percent
 
+    def region_mask(self, name: str) -> np.ndarray:
+        """The lung voxels ``(z, y, x)`` of one region (see :data:`REGIONS`)."""
+        return _region_masks(self.lungs.labels, self.thirds_slices)[self.region(name).region]
+
     def to_table(self) -> list[dict[str, str | float | int | None]]:
         """One row per region, ready for :class:`csv.DictWriter`."""
         return [
@@ -210,19 +214,7 @@ def quantify_emphysema(
     starts = [lowest - (-t * n_slices // 3) for t in range(4)]
     thirds_slices = tuple((starts[t], starts[t + 1] - 1) for t in range(3))
 
-    def in_slices(first: int, last: int) -> np.ndarray:
-        mask = np.zeros(lung.shape, dtype=bool)
-        mask[first : last + 1] = lung[first : last + 1]
-        return mask
-
-    masks = {
-        "both lungs": lung,
-        "right lung": labels == RIGHT_LUNG,
-        "left lung": labels == LEFT_LUNG,
-        "upper third": in_slices(*thirds_slices[2]),
-        "middle third": in_slices(*thirds_slices[1]),
-        "lower third": in_slices(*thirds_slices[0]),
-    }
+    masks = _region_masks(labels, thirds_slices)
     regions = tuple(
         _scores(name, hu[masks[name]], threshold_hu, lungs.voxel_ml) for name in REGIONS
     )
@@ -233,6 +225,27 @@ def quantify_emphysema(
         low_attenuation=low_attenuation,
         thirds_slices=thirds_slices,
     )
+
+
+def _region_masks(
+    labels: np.ndarray, thirds_slices: tuple[tuple[int, int], ...]
+) -> dict[str, np.ndarray]:
+    """Lung voxels of every region in :data:`REGIONS` from the lung labels and the thirds."""
+    lung = labels > 0
+
+    def in_slices(first: int, last: int) -> np.ndarray:
+        mask = np.zeros(lung.shape, dtype=bool)
+        mask[first : last + 1] = lung[first : last + 1]
+        return mask
+
+    return {
+        "both lungs": lung,
+        "right lung": labels == RIGHT_LUNG,
+        "left lung": labels == LEFT_LUNG,
+        "upper third": in_slices(*thirds_slices[2]),
+        "middle third": in_slices(*thirds_slices[1]),
+        "lower third": in_slices(*thirds_slices[0]),
+    }
 
 
 def _scores(name: str, values: np.ndarray, threshold_hu: float, voxel_ml: float) -> RegionScores:

@@ -185,6 +185,25 @@ def check_subtype_labels(scan: Volume, labels: Volume, name: str = "the labels")
     return array
 
 
+def labelled_subtypes(label_arrays: list[np.ndarray]) -> list[int]:
+    """The subtype values labelled anywhere in ``label_arrays``; at least two are needed.
+
+    Raises
+    ------
+    FewLabelError
+        When fewer than two subtypes are labelled.
+    """
+    present = sorted(set().union(*(set(np.unique(a).tolist()) for a in label_arrays)) - {0})
+    if len(present) < 2:
+        raise FewLabelError(
+            "The labels mark "
+            + ("no region" if not present else f"only {EMPHYSEMA_SUBTYPES[present[0]].name}")
+            + ": paint a few regions of at least two subtypes (1 normal lung, 2 centrilobular, "
+            "3 paraseptal, 4 panlobular) on the CT."
+        )
+    return present
+
+
 def load_encoder_config(path: Path) -> tuple[DrasCLRConfig, dict[str, torch.Tensor]]:
     """A DrasCLR encoder checkpoint's architecture and encoder tensors."""
     card = read_card(path)
@@ -216,14 +235,7 @@ def run(job: SubtypeJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     for i, (scan, labels) in enumerate(zip(job.scans, job.labels, strict=True)):
         require_ct_in_hu(scan)
         label_arrays.append(check_subtype_labels(scan, labels, f"the labels of scan {i + 1}"))
-    present = sorted(set().union(*(set(np.unique(a).tolist()) for a in label_arrays)) - {0})
-    if len(present) < 2:
-        raise FewLabelError(
-            "The labels mark "
-            + ("no region" if not present else f"only {EMPHYSEMA_SUBTYPES[present[0]].name}")
-            + ": paint a few regions of at least two subtypes (1 normal lung, 2 centrilobular, "
-            "3 paraseptal, 4 panlobular) on the CT."
-        )
+    present = labelled_subtypes(label_arrays)
 
     config, encoder_state, encoder_text = job.architecture, None, "a random encoder"
     if job.encoder is not None:
