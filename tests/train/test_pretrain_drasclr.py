@@ -155,3 +155,31 @@ def test_two_processes_under_torchrun(chests, tmp_path):
     state = read_model_tensors(state_path(out))
     # Every step put the keys of both ranks' batches into the (shared) location queues.
     assert int(state["queues.keys_seen"]) == steps * batch * 2
+
+
+def test_subtype_training_starts_from_the_pretrained_encoder(chests, tmp_path):
+    import numpy as np
+
+    from napari_fewlabel.infer.subtypes import load_subtype_model
+    from napari_fewlabel.io import load_volume
+    from napari_fewlabel.train.subtypes import SubtypeJob
+    from napari_fewlabel.train.subtypes import run as train_subtypes
+
+    encoder_file = list(run(_job(chests, tmp_path, steps=1)))[-1].checkpoint
+    scan = load_volume(chests[0])
+    painted = np.zeros(scan.shape, np.uint8)
+    painted[12:16, 16:20, 14:18] = 1  # inside the right lung
+    painted[12:16, 16:20, 38:42] = 4  # inside the left lung
+    job = SubtypeJob(
+        scans=(scan,),
+        labels=(scan.with_array(painted),),
+        out=tmp_path / "subtypes.safetensors",
+        encoder=encoder_file,
+        steps=1,
+        device="cpu",
+    )
+    events = list(train_subtypes(job, cancel=None))
+    assert encoder_file.name in events[0].message
+    model = load_subtype_model(events[-1].checkpoint)
+    assert model.config == TINY  # the encoder's patch geometry, not the job's default
+    assert model.card.training["encoder"].endswith(encoder_file.name)

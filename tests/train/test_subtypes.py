@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 from pathlib import Path
 
@@ -130,6 +131,11 @@ def test_job_writes_a_model_with_its_card_and_stops_when_cancelled(phantom, tmp_
     # Classes nobody labelled are never predicted.
     result = map_subtypes(model, phantom.scan, stride=2)
     assert set(np.unique(result.labels)) <= {0, 1, 3}
+
+    # The GUI's process runner sends the job to a child process and the events back.
+    job = _job(phantom, painted, tmp_path / "p.safetensors", architecture=tiny, steps=1)
+    assert pickle.loads(pickle.dumps(job)).labels[0].shape == phantom.scan.shape
+    assert all(pickle.loads(pickle.dumps(e)) == e for e in events)
 
     cancel = threading.Event()
     cancel.set()
