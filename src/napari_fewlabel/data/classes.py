@@ -98,11 +98,12 @@ def check_classes(classes: Iterable[SegmentationClass]) -> tuple[SegmentationCla
     return classes
 
 
-#: Emphysema subtype maps (Fleischner Society subtypes; 0 = not lung or not labelled).
+#: Emphysema subtype maps (Fleischner Society subtypes, DrasCLR's downstream task; 0 = not
+#: lung or not labelled). Also the "Emphysema subtypes" class preset of the widget.
 EMPHYSEMA_SUBTYPES: tuple[SegmentationClass, ...] = (
     SegmentationClass(0, "background", (0, 0, 0)),
-    SegmentationClass(1, "normal lung", (60, 180, 75)),
-    SegmentationClass(2, "centrilobular", (255, 225, 25)),
+    SegmentationClass(1, "normal lung", (128, 174, 128)),
+    SegmentationClass(2, "centrilobular", (230, 25, 75)),
     SegmentationClass(3, "paraseptal", (0, 130, 200)),
-    SegmentationClass(4, "panlobular", (230, 25, 75)),
+    SegmentationClass(4, "panlobular", (255, 225, 25)),
 )

@@ -6,7 +6,7 @@ named after, so masks made here line up with those datasets' conventions.
 
 from __future__ import annotations
 
-from napari_fewlabel.data.classes import SegmentationClass
+from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES, SegmentationClass
 from napari_fewlabel.data.phantoms import CARDIAC_CLASSES
 
 _BACKGROUND = SegmentationClass(0, "background", (0, 0, 0))
@@ -34,13 +34,9 @@ CLASS_PRESETS: dict[str, tuple[SegmentationClass, ...]] = {
         ("myocardium", (144, 238, 144)),
         ("LV", (216, 101, 79)),
     ),
-    # Fleischner emphysema subtypes (DrasCLR's downstream task), plus normal lung.
-    "Emphysema subtypes": _classes(
-        ("normal lung", (128, 174, 128)),
-        ("centrilobular", (230, 25, 75)),
-        ("paraseptal", (0, 130, 200)),
-        ("panlobular", (255, 225, 25)),
-    ),
+    # Fleischner emphysema subtypes (DrasCLR's downstream task), plus normal lung: the
+    # labels `fewlabel emphysema --subtype-labels` reads and its subtype maps use.
+    "Emphysema subtypes": EMPHYSEMA_SUBTYPES,
     "Cardiac phantom (sample data)": CARDIAC_CLASSES,
 }
 
