@@ -180,7 +180,7 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
         "drasclr`; default: a random encoder)",
     )
     subtypes.add_argument(
-        "--subtype-steps", type=int, default=300, metavar="STEPS", help="training steps (300)"
+        "--subtype-steps", type=int, default=600, metavar="STEPS", help="training steps (600)"
     )
     subtypes.add_argument(
         "--stride",

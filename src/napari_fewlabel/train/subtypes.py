@@ -61,8 +61,9 @@ from napari_fewlabel.train.device import describe_device, resolve_device
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
 from napari_fewlabel.train.pretrain_base import hardware_text, lr_factor
 
-#: Steps of the default run (about half a minute on one CPU core with 12^3 patches).
-DEFAULT_STEPS = 300
+#: Steps of the default run (about a minute on one CPU core with 12^3 patches; on the
+#: synthetic phantom 600 steps gave every subtype Dice > 0.7 on three seeds, 300 on two).
+DEFAULT_STEPS = 600
 
 
 @dataclass(frozen=True)
