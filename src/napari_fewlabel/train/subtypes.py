@@ -247,6 +247,11 @@ def run(job: SubtypeJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     device_text = describe_device(device)
     settings = job.settings
 
+    if job.lungs is not None and (
+        len(job.lungs) != len(job.scans)
+        or any(lm.labels.shape != s.shape for lm, s in zip(job.lungs, job.scans, strict=False))
+    ):
+        raise FewLabelError("Give one lung mask per CT, segmented on that CT (or none).")
     lungs = job.lungs or tuple(segment_lungs(scan) for scan in job.scans)
     margin = settings.augment.margin(config.patch_size)
     prepared = [
