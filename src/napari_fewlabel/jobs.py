@@ -1,4 +1,4 @@
-"""Whole jobs as one event stream: fine-tune then predict, or predict with a model.
+"""Whole jobs as one event stream: fine-tune (or adapt) then predict, or predict with a model.
 
 The napari widget runs these in a child process and the headless demo runs
 them inline; both consume the same events (``train.events`` plus
@@ -18,7 +18,7 @@ from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume
 from napari_fewlabel.models.checkpoint import load_checkpoint
 from napari_fewlabel.models.registry import resolve_model
-from napari_fewlabel.train import finetune
+from napari_fewlabel.train import adapt, finetune
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice
 
 
@@ -59,6 +59,24 @@ def finetune_and_predict(
         return
     yield Notice("Predicting the whole volume...")
     yield from _predict(done.checkpoint, job.image, job.device)
+
+
+def adapt_and_predict(
+    job: adapt.AdaptJob, predict_on: Volume, *, cancel: CancelFlag | None = None
+) -> Iterator[Event | SegmentationReady]:
+    """Adapt an MRI model to CT (``job``), then predict the CT ``predict_on`` with it.
+
+    As with fine-tuning, Stop keeps the adapted model so far and still predicts.
+    """
+    done: Done | None = None
+    for event in adapt.run(job, cancel=cancel):
+        yield event
+        if isinstance(event, Done):
+            done = event
+    if done is None or done.checkpoint is None:
+        return
+    yield Notice("Predicting the CT with the adapted model...")
+    yield from _predict(done.checkpoint, predict_on, job.device)
 
 
 def predict_with_model(
