@@ -1,6 +1,6 @@
 """MRI -> CT adaptation (Dou et al. 2018) on the synthetic cardiac phantom pair.
 
-    python benchmarks/adaptation.py > adaptation.json     # about 6 minutes on 2 CPU cores
+    python benchmarks/adaptation.py > benchmarks/results/adaptation.json  # ~15 min, 2 CPU cores
 
 A source model is trained supervised on the MR phantom (seed 0, every slice
 labelled, 3 adjacent slices as input). The target is the CT phantom of another
@@ -16,7 +16,12 @@ structures on the whole CT volume:
   labelled CT phantom of seed 0 with the same steps.
 * ``source_on_mr``: the MR model on the MR phantom of seed 1, for scale.
 
-The real head pair of DATA.md (ITK T1 -> InVesalius CT) is not measured yet.
+The real head pair of DATA.md (ITK head T1 -> InVesalius head CT, key ``head``):
+the same figures, Dice of "head (not brain)" and "brain" and their mean on the
+CT's cerebrum slices, with labels derived as benchmarks/head_pair.py documents;
+``ct_supervised_same_scan`` is trained and scored on the one CT (an optimistic
+upper bound: there is no second labelled head CT). ``--only phantom|head``
+runs one pair (about 6 and 8 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations

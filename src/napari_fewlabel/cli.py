@@ -154,11 +154,8 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_emphysema(args: argparse.Namespace) -> int:
-    import csv
-
     from napari_fewlabel.infer.emphysema import quantify_emphysema
     from napari_fewlabel.io import load_volume, save_labels
-    from napari_fewlabel.io.atomic import atomic_path
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -178,15 +175,9 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
         save_labels(report.low_attenuation, like=scan, path=out / "low_attenuation.nii.gz"),
     ]
     rows = report.to_table()
-    with atomic_path(out / "emphysema.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    written.append(out / "emphysema.csv")
+    written.append(report.write_csv(out / "emphysema.csv"))
+    written.append(report.write_json(out / "emphysema.json", scan=str(args.ct)))
     document = {"scan": str(args.ct), **report.to_dict()}
-    with atomic_path(out / "emphysema.json") as tmp:
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-    written.append(out / "emphysema.json")
 
     if args.json:
         print(json.dumps(document, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_fewlabel.data.classes import SegmentationClass
+from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport, quantify_emphysema
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume
 from napari_fewlabel.models.checkpoint import load_checkpoint
@@ -39,6 +40,21 @@ class SegmentationReady:
     labels: np.ndarray
     classes: tuple[SegmentationClass, ...]
     checkpoint: Path
+
+
+@dataclass(frozen=True, eq=False)
+class EmphysemaReady:
+    """Lung masks, the low-attenuation mask and the scores of a chest CT."""
+
+    report: EmphysemaReport
+
+
+def measure_emphysema(
+    scan: Volume, threshold_hu: float = LAA_THRESHOLD_HU, *, cancel: CancelFlag | None = None
+) -> Iterator[Event | EmphysemaReady]:
+    """Segment the lungs of a chest CT and score emphysema (one step: no progress to report)."""
+    yield Notice("Segmenting the lungs and scoring emphysema...")
+    yield EmphysemaReady(quantify_emphysema(scan, threshold_hu=threshold_hu))
 
 
 def finetune_and_predict(

@@ -47,7 +47,7 @@ from napari_fewlabel.io import METADATA_KEY, Volume
 from napari_fewlabel.jobs import SegmentationReady, adapt_and_predict
 from napari_fewlabel.napari._layers import layer_meta, show_prediction, volume_from_layer
 from napari_fewlabel.napari._plot import LinePlot
-from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
+from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
 from napari_fewlabel.train.device import available_devices
 from napari_fewlabel.train.events import Done, Notice, Progress
 
@@ -405,16 +405,7 @@ class AdaptWidget(QWidget):
         )
 
     def _on_failed(self, failure: JobFailed) -> None:
-        if failure.user_error:
-            show_error(failure.message)
-        else:
-            show_error(
-                "The adaptation failed unexpectedly: "
-                + failure.message.splitlines()[0]
-                + " (details in the terminal)."
-            )
-            print(failure.message)
-        self.status.setText(failure.message.splitlines()[0])
+        self.status.setText(notify_failure(failure, "The adaptation"))
 
     def _on_finished(self) -> None:
         self.start_button.setText("Start")

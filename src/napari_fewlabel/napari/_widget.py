@@ -54,7 +54,7 @@ from napari_fewlabel.napari._layers import (
     volume_from_layer,
 )
 from napari_fewlabel.napari._plot import LinePlot
-from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
+from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
 from napari_fewlabel.train.device import available_devices
 from napari_fewlabel.train.events import Done, Notice, Progress
 from napari_fewlabel.train.finetune import RANDOM_INIT
@@ -572,16 +572,7 @@ class FinetuneWidget(QWidget):
         self.status.setText(f"Prediction ready: {summary}.")
 
     def _on_failed(self, failure: JobFailed) -> None:
-        if failure.user_error:
-            show_error(failure.message)
-        else:
-            show_error(
-                "The job failed unexpectedly: "
-                + failure.message.splitlines()[0]
-                + " (details in the terminal)."
-            )
-            print(failure.message)  # the traceback, for a bug report
-        self.status.setText(failure.message.splitlines()[0])
+        self.status.setText(notify_failure(failure, "The job"))
 
     def _on_finished(self) -> None:
         self.start_button.setText("Start")
