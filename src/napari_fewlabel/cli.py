@@ -193,9 +193,7 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_emphysema(args: argparse.Namespace) -> int:
-    import csv
-
-    from napari_fewlabel.infer.emphysema import quantify_emphysema
+    from napari_fewlabel.infer.emphysema import REGIONS, quantify_emphysema
     from napari_fewlabel.io import load_volume, save_labels
     from napari_fewlabel.io.atomic import atomic_path
 
@@ -234,30 +232,24 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
             with atomic_path(out / "subtype_model.safetensors") as tmp:
                 shutil.copyfile(model_file, tmp)
             written.append(out / "subtype_model.safetensors")
-    rows: list[dict[str, Any]] = list(report.to_table())
+    rows = report.to_table()
+    extra: dict[str, Any] = {"scan": str(args.ct)}
+    by_region: dict[str, dict[str, float | None]] = {}
     if subtype_map is not None:
-        for row in rows:
-            shares = subtype_map.percent(report.region_mask(str(row["region"])))
-            row.update({f"{name.replace(' ', '_')}_percent": v for name, v in shares.items()})
-    with atomic_path(out / "emphysema.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    written.append(out / "emphysema.csv")
-    document = {"scan": str(args.ct), **report.to_dict()}
-    if subtype_map is not None:
-        document["subtypes"] = {
+        by_region = {name: subtype_map.percent(report.region_mask(name)) for name in REGIONS}
+        extra["subtypes"] = {
             **subtype_map.to_dict(),
             "labels": str(args.subtype_labels) if args.subtype_labels else None,
             "model": str(args.subtype_model or out / "subtype_model.safetensors"),
-            "by_region": {
-                str(row["region"]): subtype_map.percent(report.region_mask(str(row["region"])))
-                for row in rows
-            },
+            "by_region": by_region,
         }
-    with atomic_path(out / "emphysema.json") as tmp:
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-    written.append(out / "emphysema.json")
+    columns = {
+        region: {f"{name.replace(' ', '_')}_percent": v for name, v in shares.items()}
+        for region, shares in by_region.items()
+    }
+    written.append(report.write_csv(out / "emphysema.csv", extra_columns=columns))
+    written.append(report.write_json(out / "emphysema.json", **extra))
+    document = {**extra, **report.to_dict()}
 
     if args.json:
         print(json.dumps(document, indent=2))

@@ -1,4 +1,4 @@
-"""Whole jobs as one event stream: fine-tune then predict, or predict with a model.
+"""Whole jobs as one event stream: fine-tune (or adapt) then predict, or predict with a model.
 
 The napari widget runs these in a child process and the headless demo runs
 them inline; both consume the same events (``train.events`` plus
@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from napari_fewlabel.data.classes import SegmentationClass
+from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport, quantify_emphysema
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume
 from napari_fewlabel.models.checkpoint import load_checkpoint
 from napari_fewlabel.models.registry import resolve_model
-from napari_fewlabel.train import finetune
+from napari_fewlabel.train import adapt, finetune
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice
 
 
@@ -41,6 +42,21 @@ class SegmentationReady:
     checkpoint: Path
 
 
+@dataclass(frozen=True, eq=False)
+class EmphysemaReady:
+    """Lung masks, the low-attenuation mask and the scores of a chest CT."""
+
+    report: EmphysemaReport
+
+
+def measure_emphysema(
+    scan: Volume, threshold_hu: float = LAA_THRESHOLD_HU, *, cancel: CancelFlag | None = None
+) -> Iterator[Event | EmphysemaReady]:
+    """Segment the lungs of a chest CT and score emphysema (one step: no progress to report)."""
+    yield Notice("Segmenting the lungs and scoring emphysema...")
+    yield EmphysemaReady(quantify_emphysema(scan, threshold_hu=threshold_hu))
+
+
 def finetune_and_predict(
     job: finetune.FinetuneJob, *, cancel: CancelFlag | None = None
 ) -> Iterator[Event | SegmentationReady]:
@@ -59,6 +75,24 @@ def finetune_and_predict(
         return
     yield Notice("Predicting the whole volume...")
     yield from _predict(done.checkpoint, job.image, job.device)
+
+
+def adapt_and_predict(
+    job: adapt.AdaptJob, predict_on: Volume, *, cancel: CancelFlag | None = None
+) -> Iterator[Event | SegmentationReady]:
+    """Adapt an MRI model to CT (``job``), then predict the CT ``predict_on`` with it.
+
+    As with fine-tuning, Stop keeps the adapted model so far and still predicts.
+    """
+    done: Done | None = None
+    for event in adapt.run(job, cancel=cancel):
+        yield event
+        if isinstance(event, Done):
+            done = event
+    if done is None or done.checkpoint is None:
+        return
+    yield Notice("Predicting the CT with the adapted model...")
+    yield from _predict(done.checkpoint, predict_on, job.device)
 
 
 def predict_with_model(

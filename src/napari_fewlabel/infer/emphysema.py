@@ -30,9 +30,13 @@ taken the same way. Limits of the lung mask: see :mod:`napari_fewlabel.infer.lun
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,7 @@ from napari_fewlabel.infer.lungs import (
     require_ct_in_hu,
     segment_lungs,
 )
+from napari_fewlabel.io.atomic import atomic_path
 from napari_fewlabel.io.volume import Volume
 
 #: The standard low-attenuation threshold for inspiratory CT, in HU.
@@ -164,6 +169,33 @@ class EmphysemaReport:
     def to_json(self) -> str:
         """:meth:`to_dict` as indented JSON text."""
         return json.dumps(self.to_dict(), indent=2)
+
+    def write_csv(
+        self,
+        path: str | os.PathLike[str],
+        extra_columns: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> Path:
+        """Write :meth:`to_table` as CSV, atomically (temp file + rename).
+
+        ``extra_columns`` maps a region name to more columns of its row (e.g.
+        the share of each emphysema subtype); every region must have the same keys.
+        """
+        rows: list[dict[str, Any]] = [dict(row) for row in self.to_table()]
+        for row in rows:
+            row.update((extra_columns or {}).get(str(row["region"]), {}))
+        path = Path(path)
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def write_json(self, path: str | os.PathLike[str], **extra: Any) -> Path:
+        """Write :meth:`to_dict` (after ``extra`` keys) as JSON, atomically."""
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({**extra, **self.to_dict()}, indent=2) + "\n")
+        return path
 
 
 def quantify_emphysema(

@@ -228,6 +228,16 @@ def save_checkpoint(
     return write_safetensors(path, tensors, metadata)
 
 
+def save_model_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Copy a model's weights and card to ``path`` (``.safetensors`` added), without its
+    optimizer state: what a user keeps or shares (a third of a job checkpoint's size)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    model = load_checkpoint(source)
+    return save_checkpoint(path, model.network, model.card)
+
+
 def write_safetensors(
     path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> Path:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Labels
+
+    from napari_fewlabel.jobs import SegmentationReady
+
+#: layer.metadata key holding the classes of an annotation layer made by the plugin.
+CLASSES_KEY = "fewlabel_classes"
+#: layer.metadata key marking a prediction layer made by the plugin.
+PREDICTION_KEY = "fewlabel_prediction"
 
 #: Soft-tissue window (W400/L40) for CT; MR uses its 0.5-99.5 percentiles.
 CT_WINDOW = (-160.0, 240.0)
@@ -41,6 +52,42 @@ def labels_layer_data(
     if colors:
         kwargs["colormap"] = _label_colormap(colors)
     return (labels, kwargs, "labels")
+
+
+def show_prediction(
+    viewer: napari.viewer.Viewer, name: str, like: Volume, event: SegmentationReady
+) -> Labels:
+    """Show a whole-volume prediction as the Labels layer ``name`` on ``like``'s grid.
+
+    An existing layer of that name and shape is updated through napari's undoable
+    edit path (Ctrl+Z brings the previous prediction back); otherwise a new layer
+    is added, marked as a prediction so it never becomes the annotation.
+    """
+    from napari.layers import Labels
+
+    existing = viewer.layers[name] if name in viewer.layers else None  # noqa: SIM401 (no get)
+    if isinstance(existing, Labels) and existing.data.shape == event.labels.shape:
+        changed = np.nonzero(np.asarray(existing.data) != event.labels)
+        existing.data_setitem(changed, event.labels[changed])
+        return existing
+    colors = {c.index: np.array(c.color) / 255 for c in event.classes[1:]}
+    data, kwargs, _ = labels_layer_data(event.labels, like, name, colors=colors)
+    kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in event.classes]
+    kwargs["metadata"][PREDICTION_KEY] = True
+    kwargs["opacity"] = 0.5
+    return viewer.add_labels(data, **kwargs)
+
+
+def layer_meta(layer: Any) -> dict[str, Any]:
+    """What :func:`volume_from_layer` reads from a layer besides its data."""
+    return {
+        "metadata": layer.metadata,
+        "scale": tuple(layer.scale),
+        "translate": tuple(layer.translate),
+        "rotate": np.asarray(layer.rotate),
+        "shear": np.asarray(layer.shear),
+        "affine": np.asarray(layer.affine.affine_matrix),
+    }
 
 
 def display_window(volume: Volume) -> tuple[float, float]:

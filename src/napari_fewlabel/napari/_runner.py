@@ -46,6 +46,24 @@ class JobFailed:
     user_error: bool
 
 
+def notify_failure(failure: JobFailed, what: str) -> str:
+    """Show a failed job as a napari error notification; returns its first line.
+
+    A :class:`FewLabelError` is shown as it is (it says what to do); anything
+    else as "``what`` failed unexpectedly" with the traceback printed for a
+    bug report.
+    """
+    from napari.utils.notifications import show_error
+
+    first_line = failure.message.splitlines()[0]
+    if failure.user_error:
+        show_error(failure.message)
+    else:
+        show_error(f"{what} failed unexpectedly: {first_line} (details in the terminal).")
+        print(failure.message)  # the traceback, for a bug report
+    return first_line
+
+
 class _End:
     """Sentinel: the job's generator is exhausted."""
 

@@ -45,19 +45,23 @@ from napari_fewlabel.data.slices import AXIS_NAMES, infer_slice_axis, labelled_s
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
 from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict, predict_with_model
-from napari_fewlabel.napari._layers import labels_layer_data, volume_from_layer
+from napari_fewlabel.napari._layers import (
+    CLASSES_KEY,
+    PREDICTION_KEY,
+    labels_layer_data,
+    layer_meta,
+    show_prediction,
+    volume_from_layer,
+)
 from napari_fewlabel.napari._plot import LinePlot
-from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
+from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
+from napari_fewlabel.train.device import available_devices
 from napari_fewlabel.train.events import Done, Notice, Progress
 from napari_fewlabel.train.finetune import RANDOM_INIT
 
 if TYPE_CHECKING:
     import napari
 
-#: layer.metadata key holding the classes of an annotation layer made here.
-CLASSES_KEY = "fewlabel_classes"
-#: layer.metadata key marking a prediction layer made here.
-PREDICTION_KEY = "fewlabel_prediction"
 FROM_FILE = "From file..."
 DEFAULT_START = "default (pretrained encoder)"
 RANDOM_START = "none (random initialisation)"
@@ -169,7 +173,7 @@ class FinetuneWidget(QWidget):
         self.model_combo.addItem(FROM_FILE, FROM_FILE)
         self.model_combo.activated.connect(self._on_model_activated)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(_available_devices())
+        self.device_combo.addItems(available_devices())
         self.device_combo.currentTextChanged.connect(self._show_device)
         self.device_label = QLabel("")
         self.device_label.setWordWrap(True)
@@ -247,10 +251,6 @@ class FinetuneWidget(QWidget):
                 self.labels_combo.setCurrentIndex(self.labels_combo.findData(layer))
         self._on_image_changed()
         self._on_labels_changed()
-
-    def _layer(self, name: str) -> Any:
-        # LayerList is a list that also takes names; it has no dict-style get().
-        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def selected_image(self) -> Image | None:
         layer = self.image_combo.currentData()
@@ -414,7 +414,7 @@ class FinetuneWidget(QWidget):
             self.start()
 
     def _image_volume(self, image: Image) -> Volume:
-        volume = volume_from_layer(np.asarray(image.data), _layer_meta(image), what="image layer")
+        volume = volume_from_layer(np.asarray(image.data), layer_meta(image), what="image layer")
         modality = self.modality_combo.currentText()
         return volume.with_array(volume.array, modality=modality)  # type: ignore[arg-type]
 
@@ -559,20 +559,7 @@ class FinetuneWidget(QWidget):
             show_warning("The scan was closed before its prediction arrived; nothing to show.")
             return
         volume = self._image_volume(image)
-        colors = {c.index: np.array(c.color) / 255 for c in event.classes[1:]}
-        name = f"{image.name} prediction"
-        existing = self._layer(name)
-        if isinstance(existing, Labels) and existing.data.shape == event.labels.shape:
-            # napari's undoable edit path: Ctrl+Z brings the previous prediction back.
-            changed = np.nonzero(np.asarray(existing.data) != event.labels)
-            existing.data_setitem(changed, event.labels[changed])
-            layer = existing
-        else:
-            data, kwargs, _ = labels_layer_data(event.labels, volume, name, colors=colors)
-            kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in event.classes]
-            kwargs["metadata"][PREDICTION_KEY] = True
-            kwargs["opacity"] = 0.5
-            layer = self.viewer.add_labels(data, **kwargs)
+        layer = show_prediction(self.viewer, f"{image.name} prediction", volume, event)
         self._prediction_layer = layer
         self._checkpoint = event.checkpoint
         self.export_button.setEnabled(True)
@@ -585,16 +572,7 @@ class FinetuneWidget(QWidget):
         self.status.setText(f"Prediction ready: {summary}.")
 
     def _on_failed(self, failure: JobFailed) -> None:
-        if failure.user_error:
-            show_error(failure.message)
-        else:
-            show_error(
-                "The job failed unexpectedly: "
-                + failure.message.splitlines()[0]
-                + " (details in the terminal)."
-            )
-            print(failure.message)  # the traceback, for a bug report
-        self.status.setText(failure.message.splitlines()[0])
+        self.status.setText(notify_failure(failure, "The job"))
 
     def _on_finished(self) -> None:
         self.start_button.setText("Start")
@@ -615,17 +593,13 @@ class FinetuneWidget(QWidget):
         The job's own checkpoint also keeps the optimizer's moments (to resume a
         run); a model to keep or share does not need them (a third of the size).
         """
-        from napari_fewlabel.models.checkpoint import load_checkpoint, save_checkpoint
+        from napari_fewlabel.models.checkpoint import save_model_copy
 
         if self._checkpoint is None or not self._checkpoint.exists():
             show_error("No model yet: fine-tune first (Start), then save.")
             return None
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
         try:
-            model = load_checkpoint(self._checkpoint)
-            save_checkpoint(path, model.network, model.card)
+            path = save_model_copy(self._checkpoint, path)
         except FewLabelError as exc:
             show_error(str(exc))
             return None
@@ -646,7 +620,7 @@ class FinetuneWidget(QWidget):
             show_error("No prediction to export yet: press Start (or Predict with model) first.")
             return None
         try:
-            like = volume_from_layer(np.asarray(layer.data), _layer_meta(layer), what="prediction")
+            like = volume_from_layer(np.asarray(layer.data), layer_meta(layer), what="prediction")
             written = save_labels(np.asarray(layer.data), like=like, path=path)
         except FewLabelError as exc:
             show_error(str(exc))
@@ -672,26 +646,3 @@ class FinetuneWidget(QWidget):
     def closeEvent(self, event: Any) -> None:
         self._shutdown()
         super().closeEvent(event)
-
-
-def _layer_meta(layer: Any) -> dict[str, Any]:
-    return {
-        "metadata": layer.metadata,
-        "scale": tuple(layer.scale),
-        "translate": tuple(layer.translate),
-        "rotate": np.asarray(layer.rotate),
-        "shear": np.asarray(layer.shear),
-        "affine": np.asarray(layer.affine.affine_matrix),
-    }
-
-
-def _available_devices() -> list[str]:
-    import torch
-
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    backend = getattr(torch.backends, "mps", None)
-    if backend is not None and backend.is_available():
-        devices.append("mps")
-    return devices

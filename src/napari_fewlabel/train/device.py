@@ -66,6 +66,16 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def available_devices() -> list[str]:
+    """The choices a user has here: ``auto``, ``cpu``, each CUDA GPU, ``mps``."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        devices.append("mps")
+    return devices
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())

@@ -1,0 +1,444 @@
+"""The "Adapt an MRI model to CT" dock widget (Dou et al. 2018, no CT labels).
+
+1. Source model: a segmentation model trained on labelled MRI (named models,
+   or a file).
+2. Scans: the CT layers to adapt to (ticked), the MRI layers like those the
+   model learnt from (ticked; none ticked = the scan named in the model card),
+   and the CT to segment afterwards.
+3. Device (the one in use is always shown) and budget in joint updates.
+4. Start / Stop, progress with ETA, a live plot of the critic's Wasserstein
+   estimate and the DAM loss.
+5. The "<CT> prediction (adapted)" layer and Save model...
+
+The job (``jobs.adapt_and_predict``) runs in a child process like fine-tuning,
+so napari stays responsive and Stop keeps the adapted model so far.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io import METADATA_KEY, Volume
+from napari_fewlabel.jobs import SegmentationReady, adapt_and_predict
+from napari_fewlabel.napari._layers import layer_meta, show_prediction, volume_from_layer
+from napari_fewlabel.napari._plot import LinePlot
+from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
+from napari_fewlabel.train.device import available_devices
+from napari_fewlabel.train.events import Done, Notice, Progress
+
+if TYPE_CHECKING:
+    import napari
+
+FROM_FILE = "From file..."
+CHOOSE = "(choose a model trained on MRI)"
+
+
+def _items(lst: QListWidget) -> list[QListWidgetItem]:
+    return [item for i in range(lst.count()) if (item := lst.item(i)) is not None]
+
+
+def _layer_modality(layer: Image) -> str:
+    return str(layer.metadata.get(METADATA_KEY, {}).get("modality", "unknown"))
+
+
+def mri_models() -> list[tuple[str, str]]:
+    """Named segmentation models not trained on CT: ``(name, path)``.
+
+    Pretrained encoders (no classes to segment) and CT models are left out:
+    neither can be adapted to CT.
+    """
+    from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
+    from napari_fewlabel.models.registry import list_models
+
+    out = []
+    for entry in list_models():
+        try:
+            card = read_card(entry.path)
+        except FewLabelError:
+            continue
+        if card.modality != "CT" and not is_encoder_only(card):
+            out.append((entry.name, str(entry.path)))
+    return out
+
+
+class AdaptWidget(QWidget):
+    """Make an MRI segmentation model work on CT without CT labels."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.runner = ProcessRunner(self)
+        self.runner.job_event.connect(self._on_event)
+        self.runner.job_failed.connect(self._on_failed)
+        self.runner.job_finished.connect(self._on_finished)
+        self._workdir = Path(tempfile.mkdtemp(prefix="fewlabel-adapt-"))
+        self._checkpoint: Path | None = None
+        self._predict_layer: Image | None = None
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self._build_model_box())
+        layout.addWidget(self._build_scans_box())
+        layout.addWidget(self._build_device_box())
+        layout.addWidget(self._build_run_box())
+        layout.addWidget(self._build_results_box())
+        layout.addStretch(1)
+
+        for signal in (
+            self.viewer.layers.events.inserted,
+            self.viewer.layers.events.removed,
+            self.viewer.layers.events.reordered,
+        ):
+            signal.connect(self._refresh_layers)
+        self._refresh_layers()
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            window.destroyed.connect(self._shutdown)
+
+    # ------------------------------------------------------------ layout
+    def _build_model_box(self) -> QGroupBox:
+        box = QGroupBox("1. Source model (trained on MRI)")
+        form = QFormLayout(box)
+        self.model_combo = QComboBox()
+        self.model_combo.addItem(CHOOSE, None)
+        for name, path in mri_models():
+            self.model_combo.addItem(name, path)
+        self.model_combo.addItem(FROM_FILE, FROM_FILE)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.model_info.setStyleSheet("color: gray")
+        self.model_combo.currentIndexChanged.connect(self._describe_model)
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.model_info)
+        return box
+
+    def _build_scans_box(self) -> QGroupBox:
+        box = QGroupBox("2. Scans")
+        form = QFormLayout(box)
+        self.target_list = QListWidget()
+        self.target_list.setToolTip("Unlabelled CT scans to adapt to (tick one or more).")
+        self.source_list = QListWidget()
+        self.source_list.setToolTip(
+            "MRI scans like those the model learnt from; labels are not needed. None ticked: "
+            "the scan named in the model card."
+        )
+        for lst in (self.target_list, self.source_list):
+            lst.setMaximumHeight(90)
+        self.predict_combo = QComboBox()
+        form.addRow("Target CT", self.target_list)
+        form.addRow("Source MRI", self.source_list)
+        form.addRow("Then segment", self.predict_combo)
+        return box
+
+    def _build_device_box(self) -> QGroupBox:
+        box = QGroupBox("3. Device and budget")
+        form = QFormLayout(box)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices())
+        self.device_combo.currentTextChanged.connect(self._show_device)
+        self.device_label = QLabel("")
+        self.device_label.setWordWrap(True)
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(2, 100_000)
+        from napari_fewlabel.train.adapt import DEFAULT_STEPS
+
+        self.steps_spin.setValue(DEFAULT_STEPS)
+        self.steps_spin.setSuffix(" joint updates")
+        form.addRow("Device", self.device_combo)
+        form.addRow("In use", self.device_label)
+        form.addRow("Budget", self.steps_spin)
+        self._show_device(self.device_combo.currentText())
+        return box
+
+    def _build_run_box(self) -> QGroupBox:
+        box = QGroupBox("4. Adapt")
+        layout = QVBoxLayout(box)
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self._on_start_stop)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m steps")
+        self.status = QLabel("Choose an MRI model and tick the CT scans, then press Start.")
+        self.status.setWordWrap(True)
+        self.plot = LinePlot()
+        layout.addWidget(self.start_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(self.plot)
+        return box
+
+    def _build_results_box(self) -> QGroupBox:
+        box = QGroupBox("5. Results")
+        layout = QHBoxLayout(box)
+        self.save_model_button = QPushButton("Save model...")
+        self.save_model_button.setEnabled(False)
+        self.save_model_button.clicked.connect(self._ask_save_model)
+        layout.addWidget(self.save_model_button)
+        return box
+
+    # ------------------------------------------------------------ layers
+    def _image_layers(self) -> list[Image]:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        for lst, modality in ((self.target_list, "CT"), (self.source_list, "MR")):
+            ticked = {id(layer) for layer in self._ticked(lst)}
+            known = {id(item.data(Qt.ItemDataRole.UserRole)) for item in _items(lst)}
+            lst.clear()
+            for layer in self._image_layers():
+                item = QListWidgetItem(layer.name)
+                item.setData(Qt.ItemDataRole.UserRole, layer)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+                # A new layer of the right modality comes ticked; the user's choices stay.
+                on = id(layer) in ticked or (
+                    id(layer) not in known and _layer_modality(layer) == modality
+                )
+                item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+                lst.addItem(item)
+        current = self.predict_combo.currentData()
+        self.predict_combo.clear()
+        for layer in self._image_layers():
+            if _layer_modality(layer) != "MR":
+                self.predict_combo.addItem(layer.name, layer)
+        index = self.predict_combo.findData(current) if current is not None else -1
+        if index >= 0:
+            self.predict_combo.setCurrentIndex(index)
+
+    @staticmethod
+    def _ticked(lst: QListWidget) -> list[Image]:
+        return [
+            item.data(Qt.ItemDataRole.UserRole)
+            for item in _items(lst)
+            if item.checkState() == Qt.CheckState.Checked
+        ]
+
+    def set_ticked(self, which: str, layers: list[Image]) -> None:
+        """Tick exactly ``layers`` in the "target" or "source" list."""
+        lst = self.target_list if which == "target" else self.source_list
+        for item in _items(lst):
+            on = item.data(Qt.ItemDataRole.UserRole) in layers
+            item.setCheckState(Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
+
+    # ------------------------------------------------------------ model & device
+    def _on_model_activated(self, index: int) -> None:
+        if self.model_combo.itemData(index) != FROM_FILE:
+            return
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose an MRI model", "", "Models (*.safetensors)"
+        )
+        if path:
+            self.add_model_file(Path(path))
+        else:
+            self.model_combo.setCurrentIndex(0)
+
+    def add_model_file(self, path: Path) -> None:
+        """Put a checkpoint file in the model list and select it."""
+        self.model_combo.insertItem(1, path.name, str(path))
+        self.model_combo.setCurrentIndex(1)
+
+    def _selected_model(self) -> str | None:
+        data = self.model_combo.currentData()
+        return None if data in (None, FROM_FILE) else str(data)
+
+    def _describe_model(self, *_: Any) -> None:
+        from napari_fewlabel.models.checkpoint import read_card
+
+        path = self._selected_model()
+        if path is None:
+            self.model_info.setText("")
+            return
+        try:
+            card = read_card(path)
+        except FewLabelError as exc:
+            self.model_info.setText(str(exc))
+            return
+        names = ", ".join(c.name for c in card.classes[1:])
+        self.model_info.setText(f"{card.modality} model: {names}")
+
+    def _show_device(self, choice: str) -> None:
+        from napari_fewlabel.train.device import describe_device, resolve_device
+
+        try:
+            self.device_label.setText(describe_device(resolve_device(choice)))
+        except FewLabelError as exc:
+            self.device_label.setText(str(exc))
+
+    # ------------------------------------------------------------ run
+    def _on_start_stop(self) -> None:
+        if self.runner.is_running:
+            self.stop()
+        else:
+            self.start()
+
+    def _volume(self, layer: Image, modality: str) -> Volume:
+        volume = volume_from_layer(np.asarray(layer.data), layer_meta(layer), what="image layer")
+        return volume.with_array(volume.array, modality=modality)  # type: ignore[arg-type]
+
+    def start(self) -> bool:
+        """Validate the inputs and start adapting; False (with a notification) if refused."""
+        if self.runner.is_running:
+            show_warning("A job is already running: press Stop first.")
+            return False
+        try:
+            job, predict_on = self._build_job()
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        self.plot.clear()
+        self.runner.start(adapt_and_predict, job, predict_on)
+        self.start_button.setText("Stop")
+        self.status.setText("Starting (reading the scans and the model)...")
+        self.progress.setRange(0, job.steps)
+        self.progress.setValue(0)
+        return True
+
+    def _build_job(self) -> tuple[Any, Volume]:
+        from napari_fewlabel.train.adapt import AdaptJob
+
+        model = self._selected_model()
+        if model is None:
+            raise FewLabelError(
+                "Choose the source model in '1. Source model': a segmentation model trained on "
+                "labelled MRI (fine-tune one with the 'Fine-tune and segment' widget, then Save "
+                "model...), or 'From file...'."
+            )
+        targets = self._ticked(self.target_list)
+        if not targets:
+            raise FewLabelError(
+                "Tick at least one CT scan under 'Target CT' (open one with File > Open)."
+            )
+        mr_targets = [t.name for t in targets if _layer_modality(t) == "MR"]
+        if mr_targets:
+            raise FewLabelError(
+                f"{', '.join(mr_targets)} is MR, not CT: untick it under 'Target CT' (MRI scans "
+                "go under 'Source MRI')."
+            )
+        predict_layer = self.predict_combo.currentData()
+        if predict_layer is None or predict_layer not in self.viewer.layers:
+            predict_layer = targets[0]
+        self._predict_layer = predict_layer
+        job = AdaptJob(
+            source_model=model,
+            target=tuple(self._volume(t, "CT") for t in targets),
+            source=tuple(self._volume(s, "MR") for s in self._ticked(self.source_list)),
+            out=self._workdir / f"adapted-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
+            steps=self.steps_spin.value(),
+            device=self.device_combo.currentText(),
+        )
+        return job, self._volume(predict_layer, "CT")
+
+    def stop(self) -> None:
+        """Stop adapting (kept: the adapted model so far, then a prediction with it)."""
+        if not self.runner.is_running:
+            return
+        if self.start_button.text() == "Cancel prediction":
+            self.runner.shutdown(timeout_s=0.5)
+            self.status.setText("Prediction cancelled.")
+            return
+        self.runner.stop()
+        self.start_button.setText("Cancel prediction")
+        self.status.setText("Stopping after the current update...")
+
+    # ------------------------------------------------------------ events
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, Progress):
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.step)
+            warm = " (critic warm-up)" if event.extra.get("warmup") else ""
+            parts = [f"step {event.step}/{event.total}{warm}"]
+            for name, value in event.losses.items():
+                self.plot.add_point(name, event.step, value)
+                parts.append(f"{name} {value:.3f}")
+            if event.eta_s is not None:
+                parts.append(f"{round(event.eta_s)} s left")
+            self.status.setText(" · ".join(parts))
+            memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
+            self.device_label.setText(f"{event.device}{memory}")
+        elif isinstance(event, Notice):
+            (show_warning if event.level == "warning" else show_info)(event.message)
+            self.status.setText(event.message)
+        elif isinstance(event, Done):
+            self._checkpoint = event.checkpoint
+            self.save_model_button.setEnabled(event.checkpoint is not None)
+            self.start_button.setText("Cancel prediction")
+            what = "Stopped" if event.cancelled else "Adaptation done"
+            self.status.setText(f"{what}; segmenting the CT with the adapted model...")
+            self.progress.setRange(0, 0)
+        elif isinstance(event, SegmentationReady):
+            self._show_prediction(event)
+
+    def _show_prediction(self, event: SegmentationReady) -> None:
+        layer = self._predict_layer
+        if layer is None or layer not in self.viewer.layers:
+            show_warning("The CT was closed before its prediction arrived; nothing to show.")
+            return
+        volume = self._volume(layer, "CT")
+        show_prediction(self.viewer, f"{layer.name} prediction (adapted)", volume, event)
+        self._checkpoint = event.checkpoint
+        self.save_model_button.setEnabled(True)
+        self.status.setText(
+            "Done: the adapted prediction is shown. Save model... keeps the CT model."
+        )
+
+    def _on_failed(self, failure: JobFailed) -> None:
+        self.status.setText(notify_failure(failure, "The adaptation"))
+
+    def _on_finished(self) -> None:
+        self.start_button.setText("Start")
+        self.progress.setRange(0, max(self.progress.maximum(), 1))
+
+    # ------------------------------------------------------------ results
+    def _ask_save_model(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save the adapted model", "adapted-ct.safetensors", "Models (*.safetensors)"
+        )
+        if path:
+            self.save_model(Path(path))
+
+    def save_model(self, path: Path) -> Path | None:
+        """Write the adapted model (weights and card; the critic's state stays behind)."""
+        from napari_fewlabel.models.checkpoint import save_model_copy
+
+        if self._checkpoint is None or not self._checkpoint.exists():
+            show_error("No adapted model yet: press Start first.")
+            return None
+        try:
+            path = save_model_copy(self._checkpoint, path)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return None
+        show_info(f"Adapted model saved to {path}")
+        return path
+
+    # ------------------------------------------------------------ lifetime
+    def _shutdown(self, *_: Any) -> None:
+        self.runner.shutdown(timeout_s=3.0)
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def closeEvent(self, event: Any) -> None:
+        self._shutdown()
+        super().closeEvent(event)

@@ -1,0 +1,110 @@
+"""The "Lungs and emphysema" widget in a real napari viewer (Xvfb) on the real lung1 CT."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import real_data
+from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG
+from napari_fewlabel.napari._emphysema_widget import EmphysemaWidget
+from napari_fewlabel.napari._layers import image_layer_data
+
+pytestmark = pytest.mark.gui
+PLUGIN = "napari-fewlabel"
+
+
+@pytest.fixture
+def viewer_with_lung1(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open(str(real_data.lung1_image()), plugin=PLUGIN)
+    widget = EmphysemaWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    yield viewer, widget
+    widget.runner.shutdown()
+
+
+def _notifications(action):
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+    notification_manager.notification_ready.connect(seen.append)
+    try:
+        action()
+    finally:
+        notification_manager.notification_ready.disconnect(seen.append)
+    return [n.message for n in seen]
+
+
+def test_measure_shows_lungs_laa_and_the_table(viewer_with_lung1, qtbot, tmp_path):
+    viewer, widget = viewer_with_lung1
+    ct = widget.selected_image()
+    assert ct is not None
+    assert widget.measure()
+    assert widget.measure_button.text() == "Cancel"
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=300_000)
+
+    lungs = viewer.layers[f"{ct.name} lungs"]
+    laa = viewer.layers[f"{ct.name} LAA-950"]
+    assert np.allclose(lungs.scale, ct.scale) and np.allclose(lungs.translate, ct.translate)
+    assert {RIGHT_LUNG, LEFT_LUNG} <= set(np.unique(lungs.data))
+    # The table's whole-lung %LAA-950 is what numpy says over the lungs layer.
+    hu = np.asarray(ct.data)
+    lung = np.asarray(lungs.data) > 0
+    expected = 100.0 * np.count_nonzero(hu[lung] < -950) / np.count_nonzero(lung)
+    assert widget.table.rowCount() == 6
+    assert widget.table.item(0, 0).text() == "both lungs"
+    assert float(widget.table.item(0, 2).text()) == pytest.approx(expected, abs=0.01)
+    assert np.array_equal(np.asarray(laa.data) > 0, lung & (hu < -950))
+    assert "%LAA-950 of both lungs" in widget.status.text()
+    assert widget.measure_button.text() == "Measure"
+
+    written = widget.export_table(tmp_path / "scores.csv")
+    with open(written, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["region"] for r in rows][:3] == ["both lungs", "right lung", "left lung"]
+    assert float(rows[0]["laa_percent"]) == pytest.approx(expected, abs=0.01)
+    as_json = json.loads(widget.export_table(tmp_path / "scores.json").read_text())
+    assert as_json["laa_percent"] == pytest.approx(expected, abs=0.01)
+
+
+def test_cancel_ends_the_measurement(viewer_with_lung1, qtbot):
+    _, widget = viewer_with_lung1
+    assert widget.measure()
+    widget._on_measure_cancel()
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=30_000)
+    assert widget.status.text() == "Cancelled."
+    assert widget.measure_button.text() == "Measure"
+    assert widget.report is None
+
+
+def test_refusals_and_errors_are_notifications(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = EmphysemaWidget(viewer)
+    messages = _notifications(widget.measure)
+    assert any("Open a chest CT first" in m for m in messages)
+    messages = _notifications(lambda: widget.export_table(Path("x.csv")))
+    assert any("press Measure first" in m for m in messages)
+
+    # An MR layer is not offered. Without a known modality it is, and the job refuses it
+    # (no air at -1000 HU): the message comes back as a notification.
+    mr = cardiac_phantom("MR", 0, (16, 64, 64), (4.0, 3.0, 3.0))
+    data, kwargs, _ = image_layer_data(mr.image, "mr")
+    viewer.add_image(data, **kwargs)
+    assert widget.image_combo.count() == 0
+    viewer.layers["mr"].metadata = {}  # no modality known: offered, scored as CT
+    widget._refresh_layers()
+    assert widget.image_combo.count() == 1
+    failures = []
+    widget.runner.job_failed.connect(failures.append)
+    assert widget.measure()
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=60_000)
+    assert len(failures) == 1 and failures[0].user_error
+    assert "does not look like CT in Hounsfield units" in failures[0].message
+    assert "does not look like CT" in widget.status.text()
+    widget.runner.shutdown()
