@@ -27,6 +27,28 @@ def test_condconv_equals_the_routed_sum_of_expert_convolutions():
         torch.testing.assert_close(out[i : i + 1], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", [2, 4])  # 1 output voxel: experts' outputs mixed; 8: kernels
+def test_both_ways_of_mixing_give_the_routed_sum(side):
+    torch.manual_seed(1)
+    conv = CondConv3d(3, 5, 3, stride=2, padding=1, experts=4)
+    x = torch.randn(6, 3, side, side, side)
+    locations = torch.rand(6, 3) * 2 - 1
+    r = torch.sigmoid(conv.router(locations))
+    expected = torch.stack(
+        [
+            sum(
+                r[i, k] * F.conv3d(x[i : i + 1], conv.weight[k], conv.bias[k], stride=2, padding=1)
+                for k in range(4)
+            )[0]
+            for i in range(6)
+        ]
+    )
+    torch.testing.assert_close(conv(x, locations), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        conv._mix_outputs(x, locations), conv._mix_kernels(x, locations), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_the_same_patch_at_another_location_gives_another_output():
     torch.manual_seed(0)
     conv = CondConv3d(1, 4, 3, padding=1, experts=8)

@@ -12,6 +12,9 @@ experts are not competing), and the kernel applied to the patch is
 
 (CondConv, Yang et al. 2019). Each sample has its own kernel; the batch is
 convolved in one call as a grouped convolution with one group per sample.
+Where the output has no more voxels than there are experts (the deep layers
+of a small patch), the same result is computed more cheaply as
+:math:`\\sum_k r_k(l) (W_k * x)`: every expert's output, mixed.
 """
 
 from __future__ import annotations
@@ -86,6 +89,34 @@ class CondConv3d(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        out_voxels = math.prod(
+            (n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in x.shape[2:]
+        )
+        if out_voxels <= self.experts:
+            return self._mix_outputs(x, locations)
+        return self._mix_kernels(x, locations)
+
+    def _mix_outputs(self, x: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        r"""Every expert on every sample, outputs mixed: cheaper when outputs are few voxels.
+
+        By linearity :math:`W(l) * x = \sum_k r_k(l) (W_k * x)`; this avoids building a
+        kernel per sample, which in the deep layers of a small patch costs more than
+        convolving with all experts.
+        """
+        b, k = x.shape[0], self.experts
+        y = F.conv3d(
+            x,
+            self.weight.reshape(k * self.out_channels, *self.weight.shape[2:]),
+            None if self.bias is None else self.bias.reshape(-1),
+            stride=self.stride,
+            padding=self.padding,
+        )
+        y = y.reshape(b, k, self.out_channels, *y.shape[2:])
+        r = self.routing(locations).to(y.dtype)
+        return torch.einsum("bk,bko...->bo...", r, y)
+
+    def _mix_kernels(self, x: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        """One kernel per sample, the batch as a grouped convolution."""
         b = x.shape[0]
         weight, bias = self.kernels(locations)
         k = self.kernel_size
