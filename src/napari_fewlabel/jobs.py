@@ -16,10 +16,12 @@ import numpy as np
 from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport, quantify_emphysema
 from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.infer.subtypes import load_subtype_model, map_subtypes
 from napari_fewlabel.io import Volume
 from napari_fewlabel.models.checkpoint import load_checkpoint
 from napari_fewlabel.models.registry import resolve_model
-from napari_fewlabel.train import adapt, finetune
+from napari_fewlabel.train import adapt, finetune, subtypes
+from napari_fewlabel.train.device import resolve_device
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice
 
 
@@ -55,6 +57,37 @@ def measure_emphysema(
     """Segment the lungs of a chest CT and score emphysema (one step: no progress to report)."""
     yield Notice("Segmenting the lungs and scoring emphysema...")
     yield EmphysemaReady(quantify_emphysema(scan, threshold_hu=threshold_hu))
+
+
+@dataclass(frozen=True, eq=False)
+class SubtypesReady:
+    """The dense emphysema-subtype map of a chest CT and its shares of lung volume."""
+
+    labels: np.ndarray
+    percent_of_lung: dict[str, float | None]
+    checkpoint: Path
+
+
+def train_and_map_subtypes(
+    job: subtypes.SubtypeJob, scan: Volume, *, cancel: CancelFlag | None = None
+) -> Iterator[Event | SubtypesReady]:
+    """Train the subtype classifier on ``job``'s labelled regions, then map ``scan``'s lungs.
+
+    Stop keeps the classifier so far and still maps, as fine-tuning does.
+    """
+    done: Done | None = None
+    for event in subtypes.run(job, cancel=cancel):
+        yield event
+        if isinstance(event, Done):
+            done = event
+    if done is None or done.checkpoint is None:
+        return
+    yield Notice("Mapping the subtypes over the lungs...")
+    device = resolve_device(job.device)
+    model = load_subtype_model(done.checkpoint, device=device)
+    lungs = job.lungs[0] if job.lungs and scan is job.scans[0] else None
+    result = map_subtypes(model, scan, lungs, device=device)
+    yield SubtypesReady(result.labels, result.percent(), Path(done.checkpoint))
 
 
 def finetune_and_predict(

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 import real_data
+from napari_fewlabel.data.emphysema_phantom import emphysema_phantom
 from napari_fewlabel.data.phantoms import cardiac_phantom
 from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG
 from napari_fewlabel.napari._emphysema_widget import EmphysemaWidget
 from napari_fewlabel.napari._layers import image_layer_data
+from napari_fewlabel.train.events import Done, Progress
+from subtype_regions import labelled_blobs
 
 pytestmark = pytest.mark.gui
 PLUGIN = "napari-fewlabel"
@@ -108,3 +111,74 @@ def test_refusals_and_errors_are_notifications(make_napari_viewer, qtbot):
     assert "does not look like CT in Hounsfield units" in failures[0].message
     assert "does not look like CT" in widget.status.text()
     widget.runner.shutdown()
+
+
+@pytest.fixture(scope="module")
+def emphysema():
+    return emphysema_phantom(0)
+
+
+@pytest.fixture
+def viewer_with_phantom(make_napari_viewer, emphysema):
+    viewer = make_napari_viewer()
+    data, kwargs, _ = image_layer_data(emphysema.scan, "chest")
+    viewer.add_image(data, **kwargs)
+    widget = EmphysemaWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    yield viewer, widget
+    widget.runner.shutdown()
+
+
+def test_subtype_map_from_painted_regions(viewer_with_phantom, emphysema, qtbot):
+    viewer, widget = viewer_with_phantom
+    layer = widget.new_subtype_layer()
+    assert layer is not None and widget.selected_regions() is layer
+    assert np.allclose(layer.scale, viewer.layers["chest"].scale)
+    truth = emphysema.labels.array
+    layer.data = labelled_blobs(truth, emphysema.scan.spacing_mm, per_class=6)
+    widget.subtype_steps.setValue(40)
+    events = []
+    widget.runner.job_event.connect(events.append)
+    assert widget.start_subtypes()
+    assert widget.subtype_button.text() == "Stop"
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=600_000)
+
+    assert [e.step for e in events if isinstance(e, Progress)] == list(range(1, 41))
+    subtypes = viewer.layers["Emphysema subtypes (chest)"]
+    assert subtypes.data.shape == truth.shape
+    assert np.allclose(subtypes.scale, viewer.layers["chest"].scale)
+    assert set(np.unique(subtypes.data)) <= {0, 1, 2, 3, 4}
+    # The map covers the lungs (the phantom's lungs are where its truth is non-zero).
+    overlap = np.count_nonzero((subtypes.data > 0) & (truth > 0)) / np.count_nonzero(truth)
+    assert overlap > 0.9
+    shares = [float(widget.subtype_table.item(r, 1).text()) for r in range(4)]
+    assert sum(shares) == pytest.approx(100, abs=0.5)
+    assert widget.subtype_status.text().startswith("Subtype map ready")
+    assert widget.subtype_button.text() == "Start"
+
+
+def test_subtype_stop_keeps_the_classifier_and_maps(viewer_with_phantom, emphysema, qtbot):
+    viewer, widget = viewer_with_phantom
+    layer = widget.new_subtype_layer()
+    layer.data = labelled_blobs(emphysema.labels.array, emphysema.scan.spacing_mm, per_class=2)
+    widget.subtype_steps.setValue(100_000)
+    events = []
+    widget.runner.job_event.connect(events.append)
+    assert widget.start_subtypes()
+    qtbot.waitUntil(lambda: any(isinstance(e, Progress) for e in events), timeout=300_000)
+    widget._on_subtype_start_stop()  # Stop
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=300_000)
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].cancelled
+    assert "Emphysema subtypes (chest)" in viewer.layers
+
+
+def test_subtypes_refused_without_regions(viewer_with_phantom):
+    viewer, widget = viewer_with_phantom
+    messages = _notifications(widget.start_subtypes)
+    assert any("paint a few regions" in m for m in messages)
+    viewer.add_labels(np.zeros((4, 4, 4), np.uint8), name="wrong grid")
+    widget.regions_combo.setCurrentIndex(widget.regions_combo.findText("wrong grid"))
+    messages = _notifications(widget.start_subtypes)
+    assert any("use 'New subtype layer'" in m for m in messages)
+    assert not widget.runner.is_running

@@ -5,18 +5,24 @@
    layers, and the scores table (volume, %LAA, %LAA-910, Perc15 for both
    lungs, each lung and the upper/middle/lower thirds); Export table...
    writes CSV or JSON.
+3. Emphysema subtypes: paint a few regions (normal lung, centrilobular,
+   paraseptal, panlobular) on a subtype layer, Start: a classifier on DrasCLR
+   patch features is trained on them and slid over the lungs; the
+   "Emphysema subtypes (<CT>)" layer and the share of lung volume per subtype.
 
-The measurement runs in a child process (``_runner.ProcessRunner``), so napari
-stays responsive on a 512 x 512 x 600 CT; Cancel ends it.
+Both run in a child process (``_runner.ProcessRunner``), so napari stays
+responsive on a 512 x 512 x 600 CT; Cancel/Stop end them (Stop keeps the
+subtype classifier trained so far and still maps).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
@@ -24,27 +30,39 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGroupBox,
+    QHBoxLayout,
     QLabel,
+    QProgressBar,
     QPushButton,
+    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
+from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport
 from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG
 from napari_fewlabel.io import METADATA_KEY, Volume
-from napari_fewlabel.jobs import EmphysemaReady, measure_emphysema
+from napari_fewlabel.jobs import (
+    EmphysemaReady,
+    SubtypesReady,
+    measure_emphysema,
+    train_and_map_subtypes,
+)
 from napari_fewlabel.napari._layers import (
+    CLASSES_KEY,
     PREDICTION_KEY,
     labels_layer_data,
     layer_meta,
     volume_from_layer,
 )
+from napari_fewlabel.napari._plot import LinePlot
 from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
-from napari_fewlabel.train.events import Notice
+from napari_fewlabel.train.device import available_devices
+from napari_fewlabel.train.events import Done, Notice, Progress
 
 if TYPE_CHECKING:
     import napari
@@ -59,6 +77,11 @@ COLUMNS = (
 )
 LUNG_COLORS = {RIGHT_LUNG: (0.2, 0.6, 1.0), LEFT_LUNG: (1.0, 0.6, 0.2)}
 LAA_COLOR = {1: (1.0, 0.1, 0.1)}
+SUBTYPE_COLORS = {
+    c.index: (c.color[0] / 255, c.color[1] / 255, c.color[2] / 255) for c in EMPHYSEMA_SUBTYPES[1:]
+}
+RANDOM_ENCODER = "random encoder (no pretraining)"
+FROM_FILE = "From file..."
 
 
 class EmphysemaWidget(QWidget):
@@ -73,10 +96,13 @@ class EmphysemaWidget(QWidget):
         self.runner.job_finished.connect(self._on_finished)
         self.report: EmphysemaReport | None = None
         self._job_image: Image | None = None
+        self._job_kind = ""
+        self._subtype_model: Path | None = None
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_scan_box())
         layout.addWidget(self._build_measure_box())
+        layout.addWidget(self._build_subtypes_box())
         layout.addStretch(1)
         for signal in (
             self.viewer.layers.events.inserted,
@@ -124,6 +150,58 @@ class EmphysemaWidget(QWidget):
         layout.addWidget(self.export_button)
         return box
 
+    def _build_subtypes_box(self) -> QGroupBox:
+        from napari_fewlabel.train.subtypes import DEFAULT_STEPS
+
+        box = QGroupBox("3. Emphysema subtypes")
+        form = QFormLayout(box)
+        self.regions_combo = QComboBox()
+        self.new_regions_button = QPushButton("New subtype layer")
+        self.new_regions_button.clicked.connect(self.new_subtype_layer)
+        self.encoder_combo = QComboBox()
+        self.encoder_combo.addItem(RANDOM_ENCODER, None)
+        self.encoder_combo.addItem(FROM_FILE, FROM_FILE)
+        self.encoder_combo.activated.connect(self._on_encoder_activated)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices())
+        self.device_combo.currentTextChanged.connect(self._show_device)
+        self.device_label = QLabel("")
+        self.device_label.setWordWrap(True)
+        self.subtype_steps = QSpinBox()
+        self.subtype_steps.setRange(10, 100_000)
+        self.subtype_steps.setValue(DEFAULT_STEPS)
+        self.subtype_steps.setSuffix(" steps")
+        self.subtype_button = QPushButton("Start")
+        self.subtype_button.clicked.connect(self._on_subtype_start_stop)
+        self.subtype_progress = QProgressBar()
+        self.subtype_progress.setFormat("%v / %m steps")
+        self.subtype_status = QLabel(
+            "Paint a few regions of each subtype you see (and of normal lung), then Start."
+        )
+        self.subtype_status.setWordWrap(True)
+        self.subtype_plot = LinePlot(unit_range=("accuracy",))
+        self.subtype_table = QTableWidget(len(EMPHYSEMA_SUBTYPES) - 1, 2)
+        self.subtype_table.setHorizontalHeaderLabels(["subtype", "% of lung"])
+        self.subtype_table.verticalHeader().setVisible(False)  # type: ignore[union-attr]
+        for r, cls in enumerate(EMPHYSEMA_SUBTYPES[1:]):
+            self.subtype_table.setItem(r, 0, QTableWidgetItem(cls.name))
+            self.subtype_table.setItem(r, 1, QTableWidgetItem("-"))
+        regions = QHBoxLayout()
+        regions.addWidget(self.regions_combo, 1)
+        regions.addWidget(self.new_regions_button)
+        form.addRow("Regions", regions)
+        form.addRow("Encoder", self.encoder_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("In use", self.device_label)
+        form.addRow("Budget", self.subtype_steps)
+        form.addRow(self.subtype_button)
+        form.addRow(self.subtype_progress)
+        form.addRow(self.subtype_status)
+        form.addRow(self.subtype_plot)
+        form.addRow(self.subtype_table)
+        self._show_device(self.device_combo.currentText())
+        return box
+
     # ------------------------------------------------------------ layers
     def _refresh_layers(self, *_: Any) -> None:
         current = self.image_combo.currentData()
@@ -136,10 +214,74 @@ class EmphysemaWidget(QWidget):
         index = self.image_combo.findData(current) if current is not None else -1
         if index >= 0:
             self.image_combo.setCurrentIndex(index)
+        current = self.regions_combo.currentData()
+        self.regions_combo.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and not layer.metadata.get(PREDICTION_KEY):
+                self.regions_combo.addItem(layer.name, layer)
+        index = self.regions_combo.findData(current) if current is not None else -1
+        if index >= 0:
+            self.regions_combo.setCurrentIndex(index)
 
     def selected_image(self) -> Image | None:
         layer = self.image_combo.currentData()
         return layer if layer in self.viewer.layers else None
+
+    def selected_regions(self) -> Labels | None:
+        layer = self.regions_combo.currentData()
+        return layer if layer in self.viewer.layers else None
+
+    def new_subtype_layer(self) -> Labels | None:
+        """A Labels layer on the CT's grid, coloured by subtype, ready to paint."""
+        image = self.selected_image()
+        if image is None:
+            show_error("Open a chest CT first (File > Open), then add a subtype layer.")
+            return None
+        try:
+            volume = self._volume(image)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return None
+        data, kwargs, _ = labels_layer_data(
+            np.zeros(volume.shape, np.uint8),
+            volume,
+            f"{image.name} subtype regions",
+            colors=SUBTYPE_COLORS,
+        )
+        kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in EMPHYSEMA_SUBTYPES]
+        layer = self.viewer.add_labels(data, **kwargs)
+        layer.selected_label = 1
+        layer.mode = "paint"
+        layer.brush_size = 8
+        self.regions_combo.setCurrentIndex(self.regions_combo.findData(layer))
+        self.viewer.layers.selection.active = layer
+        names = ", ".join(f"{c.index} {c.name}" for c in EMPHYSEMA_SUBTYPES[1:])
+        show_info(f"Paint a few small regions with the label values {names}; then press Start.")
+        return layer
+
+    def _on_encoder_activated(self, index: int) -> None:
+        if self.encoder_combo.itemData(index) != FROM_FILE:
+            return
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose a DrasCLR encoder", "", "Models (*.safetensors)"
+        )
+        if path:
+            self.add_encoder_file(Path(path))
+        else:
+            self.encoder_combo.setCurrentIndex(0)
+
+    def add_encoder_file(self, path: Path) -> None:
+        """Put a DrasCLR encoder (``fewlabel pretrain --method drasclr``) in the list, selected."""
+        self.encoder_combo.insertItem(1, path.name, str(path))
+        self.encoder_combo.setCurrentIndex(1)
+
+    def _show_device(self, choice: str) -> None:
+        from napari_fewlabel.train.device import describe_device, resolve_device
+
+        try:
+            self.device_label.setText(describe_device(resolve_device(choice)))
+        except FewLabelError as exc:
+            self.device_label.setText(str(exc))
 
     def _volume(self, layer: Image) -> Volume:
         volume = volume_from_layer(np.asarray(layer.data), layer_meta(layer), what="image layer")
@@ -168,17 +310,124 @@ class EmphysemaWidget(QWidget):
             show_error(str(exc))
             return False
         self._job_image = image
+        self._job_kind = "measure"
         self.runner.start(measure_emphysema, volume, float(self.threshold_spin.value()))
         self.measure_button.setText("Cancel")
         self.status.setText("Segmenting the lungs...")
         return True
 
+    def _on_subtype_start_stop(self) -> None:
+        if not self.runner.is_running:
+            self.start_subtypes()
+        elif self._job_kind != "subtypes":
+            show_warning("A measurement is running: wait for it or press Cancel.")
+        elif self.subtype_button.text() == "Cancel mapping":
+            self.runner.shutdown(timeout_s=0.5)
+            self.subtype_status.setText("Mapping cancelled.")
+        else:
+            self.runner.stop()
+            self.subtype_button.setText("Cancel mapping")
+            self.subtype_status.setText("Stopping after the current step...")
+
+    def start_subtypes(self) -> bool:
+        """Train on the painted regions and map the subtypes; False (notified) if refused."""
+        from napari_fewlabel.train.subtypes import SubtypeJob
+
+        if self.runner.is_running:
+            show_warning("A job is already running: wait for it or stop it first.")
+            return False
+        image, regions = self.selected_image(), self.selected_regions()
+        try:
+            if image is None:
+                raise FewLabelError("Open a chest CT first (File > Open).")
+            if regions is None:
+                raise FewLabelError(
+                    "Choose the layer with the painted subtype regions, or press 'New subtype "
+                    "layer' and paint a few regions of each subtype you see."
+                )
+            volume = self._volume(image)
+            data = np.asarray(regions.data)
+            if data.shape != volume.shape:
+                raise FewLabelError(
+                    f"The subtype layer has shape {data.shape} but the CT has {volume.shape}: "
+                    "use 'New subtype layer' so the regions match the CT voxel for voxel."
+                )
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        encoder = self.encoder_combo.currentData()
+        job = SubtypeJob(
+            scans=(volume,),
+            labels=(volume.with_array(data),),
+            out=Path(self._workdir()) / f"subtypes-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
+            encoder=None if encoder in (None, FROM_FILE) else str(encoder),
+            steps=self.subtype_steps.value(),
+            device=self.device_combo.currentText(),
+        )
+        self._job_image = image
+        self._job_kind = "subtypes"
+        self.subtype_plot.clear()
+        self.runner.start(train_and_map_subtypes, job, volume)
+        self.subtype_button.setText("Stop")
+        self.subtype_progress.setRange(0, job.steps)
+        self.subtype_progress.setValue(0)
+        self.subtype_status.setText("Starting (segmenting the lungs first)...")
+        return True
+
+    def _workdir(self) -> Path:
+        import tempfile
+
+        if not hasattr(self, "_tmp"):
+            self._tmp = Path(tempfile.mkdtemp(prefix="fewlabel-subtypes-"))
+        return self._tmp
+
     def _on_event(self, event: Any) -> None:
+        status = self.subtype_status if self._job_kind == "subtypes" else self.status
         if isinstance(event, Notice):
             (show_warning if event.level == "warning" else show_info)(event.message)
-            self.status.setText(event.message)
+            status.setText(event.message)
         elif isinstance(event, EmphysemaReady):
             self._show_report(event.report)
+        elif isinstance(event, Progress):
+            self.subtype_progress.setRange(0, event.total)
+            self.subtype_progress.setValue(event.step)
+            parts = [f"step {event.step}/{event.total}"]
+            for name, value in event.losses.items():
+                self.subtype_plot.add_point(name, event.step, value)
+                parts.append(f"{name} {value:.3f}")
+            if event.eta_s is not None:
+                parts.append(f"{round(event.eta_s)} s left")
+            status.setText(" · ".join(parts))
+            memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
+            self.device_label.setText(f"{event.device}{memory}")
+        elif isinstance(event, Done):
+            self._subtype_model = event.checkpoint
+            self.subtype_button.setText("Cancel mapping")
+            what = "Stopped" if event.cancelled else "Training done"
+            status.setText(f"{what}; mapping the subtypes over the lungs...")
+            self.subtype_progress.setRange(0, 0)
+        elif isinstance(event, SubtypesReady):
+            self._show_subtypes(event)
+
+    def _show_subtypes(self, event: SubtypesReady) -> None:
+        image = self._job_image
+        if image is None or image not in self.viewer.layers:
+            show_warning("The CT was closed before its subtype map arrived; nothing to show.")
+            return
+        volume = self._volume(image)
+        self._put_labels(
+            f"Emphysema subtypes ({image.name})", event.labels, volume, SUBTYPE_COLORS, 0.5
+        )
+        for r, cls in enumerate(EMPHYSEMA_SUBTYPES[1:]):
+            value = event.percent_of_lung.get(cls.name)
+            text = "-" if value is None else f"{value:.1f}"
+            self.subtype_table.setItem(r, 1, QTableWidgetItem(text))
+        shares = ", ".join(
+            f"{name} {value:.1f}%"
+            for name, value in event.percent_of_lung.items()
+            if value is not None
+        )
+        self.subtype_status.setText(f"Subtype map ready: {shares} of lung volume.")
 
     def _show_report(self, report: EmphysemaReport) -> None:
         image = self._job_image
@@ -234,10 +483,15 @@ class EmphysemaWidget(QWidget):
         self.table.resizeColumnsToContents()
 
     def _on_failed(self, failure: JobFailed) -> None:
-        self.status.setText(notify_failure(failure, "The measurement"))
+        if self._job_kind == "subtypes":
+            self.subtype_status.setText(notify_failure(failure, "The subtype mapping"))
+        else:
+            self.status.setText(notify_failure(failure, "The measurement"))
 
     def _on_finished(self) -> None:
         self.measure_button.setText("Measure")
+        self.subtype_button.setText("Start")
+        self.subtype_progress.setRange(0, max(self.subtype_progress.maximum(), 1))
 
     # ------------------------------------------------------------ export
     def _ask_export(self) -> None:
@@ -266,7 +520,11 @@ class EmphysemaWidget(QWidget):
 
     # ------------------------------------------------------------ lifetime
     def _shutdown(self, *_: Any) -> None:
+        import shutil
+
         self.runner.shutdown(timeout_s=3.0)
+        if hasattr(self, "_tmp"):
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def closeEvent(self, event: Any) -> None:
         self._shutdown()
