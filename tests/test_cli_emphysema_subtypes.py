@@ -13,6 +13,7 @@ from napari_fewlabel.cli import main
 from napari_fewlabel.data.emphysema_phantom import emphysema_phantom
 from napari_fewlabel.io import load_volume, save_image, save_labels
 from napari_fewlabel.io.volume import Volume
+from napari_fewlabel.models.checkpoint import read_card
 
 SHARES = [
     "normal_lung_percent",
@@ -82,6 +83,31 @@ def test_subtype_labels_give_a_map_on_the_ct_grid_and_shares_per_region(chest, t
         == 0
     )
     assert np.array_equal(load_volume(again / "subtypes.nii.gz").array, subtypes)
+
+
+def test_extra_subtype_labels_are_learnt_from_too(chest, tmp_path):
+    """Regions painted on a second CT join the training; the map is made for the first."""
+    ct, labels, ph = chest
+    other = emphysema_phantom(1, shape=(40, 52, 72), spacing_mm=(4.0, 4.0, 4.0))
+    other_ct = save_image(other.scan, tmp_path / "other.nii.gz")
+    truth = other.labels.array
+    painted = np.where(np.isin(truth, (1, 4)), truth, 0).astype(np.uint8)  # broad regions
+    other_labels = save_labels(painted, like=other.scan, path=tmp_path / "other_labels.nii.gz")
+    out = tmp_path / "both"
+    argv = ["emphysema", str(ct), "--out", str(out), "--subtype-labels", str(labels)]
+    argv += ["--extra-subtype-labels", str(other_ct), str(other_labels)]
+    assert main([*argv, "--subtype-steps", "2", "--stride", "6", "--device", "cpu"]) == 0
+    card = read_card(out / "subtype_model.safetensors")
+    assert len(card.training["scans"]) == 2
+    voxels = card.training["labelled_voxels"]
+    first = load_volume(labels).array
+    assert voxels["normal lung"] > np.count_nonzero(first == 1)  # the second CT's regions count
+    stored = load_volume(out / "subtypes.nii.gz")
+    assert stored.shape == ph.scan.shape
+
+    # A second CT without its own --subtype-labels is a mistake said as such.
+    bad = ["emphysema", str(ct), "--out", str(tmp_path / "bad")]
+    assert main([*bad, "--extra-subtype-labels", str(other_ct), str(other_labels)]) == 2
 
 
 def test_bad_subtype_inputs_exit_2_and_write_nothing(chest, tmp_path, capsys):

@@ -174,6 +174,16 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
         help="map subtypes with a model trained before (its subtype_model.safetensors)",
     )
     subtypes.add_argument(
+        "--extra-subtype-labels",
+        nargs=2,
+        action="append",
+        type=Path,
+        default=[],
+        metavar=("CT", "LABELS"),
+        help="another CT and its labelled regions to learn from as well (repeatable); the map "
+        "is made for the first CT",
+    )
+    subtypes.add_argument(
         "--encoder",
         metavar="ENCODER",
         help="start the classifier from this DrasCLR encoder (`fewlabel pretrain --method "
@@ -200,22 +210,33 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise FewLabelError(f"{out} is a file: give --out a folder for the results.")
-    if args.encoder and not args.subtype_labels:
-        raise FewLabelError("--encoder starts subtype training: give --subtype-labels too.")
+    if (args.encoder or args.extra_subtype_labels) and not args.subtype_labels:
+        raise FewLabelError(
+            "--encoder and --extra-subtype-labels go with subtype training: give "
+            "--subtype-labels too."
+        )
     scan = load_volume(args.ct)
     subtype_labels = None
+    extra_labelled: list[tuple[Any, Any]] = []
     if args.subtype_labels:
         from napari_fewlabel.train.subtypes import check_subtype_labels, labelled_subtypes
 
         subtype_labels = load_volume(args.subtype_labels)
-        labelled_subtypes([check_subtype_labels(scan, subtype_labels, args.subtype_labels.name)])
+        arrays = [check_subtype_labels(scan, subtype_labels, args.subtype_labels.name)]
+        for extra_ct, extra_labels in args.extra_subtype_labels:
+            pair = (load_volume(extra_ct), load_volume(extra_labels))
+            arrays.append(check_subtype_labels(*pair, extra_labels.name))
+            extra_labelled.append(pair)
+        labelled_subtypes(arrays)
     # Everything is computed before the first file is written: a scan that cannot be
     # scored leaves the output folder untouched.
     report = quantify_emphysema(scan, threshold_hu=args.threshold)
     with tempfile.TemporaryDirectory(prefix="fewlabel-subtypes-") as scratch:
         subtype_map, model_file = None, None
         if subtype_labels is not None or args.subtype_model:
-            subtype_map, model_file = _map_subtypes(args, scan, subtype_labels, report, scratch)
+            subtype_map, model_file = _map_subtypes(
+                args, scan, subtype_labels, extra_labelled, report, scratch
+            )
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -277,9 +298,16 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
 
 
 def _map_subtypes(
-    args: argparse.Namespace, scan: Any, labels: Any, report: Any, scratch: str
+    args: argparse.Namespace,
+    scan: Any,
+    labels: Any,
+    extra_labelled: list[tuple[Any, Any]],
+    report: Any,
+    scratch: str,
 ) -> tuple[Any, Path | None]:
-    """Train a subtype model on ``labels`` (or load ``--subtype-model``) and map the lungs."""
+    """Train a subtype model on ``labels`` and ``extra_labelled`` (or load ``--subtype-model``)
+    and map the lungs of ``scan``."""
+    from napari_fewlabel.infer.lungs import segment_lungs
     from napari_fewlabel.infer.subtypes import load_subtype_model, map_subtypes
     from napari_fewlabel.models.registry import resolve_model
     from napari_fewlabel.train.subtypes import SubtypeJob, run
@@ -289,11 +317,11 @@ def _map_subtypes(
         if args.subtype_steps < 1:
             raise FewLabelError(f"--subtype-steps must be at least 1, got {args.subtype_steps}.")
         job = SubtypeJob(
-            scans=(scan,),
-            labels=(labels,),
+            scans=(scan, *(ct for ct, _ in extra_labelled)),
+            labels=(labels, *(lab for _, lab in extra_labelled)),
             out=Path(scratch) / "subtype_model.safetensors",
             encoder=args.encoder,
-            lungs=(report.lungs,),
+            lungs=(report.lungs, *(segment_lungs(ct) for ct, _ in extra_labelled)),
             steps=args.subtype_steps,
             device=args.device,
         )

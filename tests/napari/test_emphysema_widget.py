@@ -13,6 +13,7 @@ import real_data
 from napari_fewlabel.data.emphysema_phantom import emphysema_phantom
 from napari_fewlabel.data.phantoms import cardiac_phantom
 from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG
+from napari_fewlabel.models.checkpoint import read_card
 from napari_fewlabel.napari._emphysema_widget import EmphysemaWidget
 from napari_fewlabel.napari._layers import image_layer_data
 from napari_fewlabel.train.events import Done, Progress
@@ -182,3 +183,32 @@ def test_subtypes_refused_without_regions(viewer_with_phantom):
     messages = _notifications(widget.start_subtypes)
     assert any("use 'New subtype layer'" in m for m in messages)
     assert not widget.runner.is_running
+
+
+def test_regions_on_another_open_ct_join_the_training(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = EmphysemaWidget(viewer)
+    small = {"shape": (40, 52, 72), "spacing_mm": (4.0, 4.0, 4.0)}
+    for seed, name in ((0, "first"), (1, "second")):
+        ph = emphysema_phantom(seed, **small)
+        data, kwargs, _ = image_layer_data(ph.scan, name)
+        viewer.add_image(data, **kwargs)
+        widget.image_combo.setCurrentIndex(widget.image_combo.findText(name))
+        layer = widget.new_subtype_layer()
+        truth = ph.labels.array
+        layer.data = np.where(np.isin(truth, (1, 2) if seed == 0 else (3, 4)), truth, 0)
+    widget.image_combo.setCurrentIndex(widget.image_combo.findText("first"))
+    widget.regions_combo.setCurrentIndex(widget.regions_combo.findText("first subtype regions"))
+    widget.other_cts_check.setChecked(True)
+    widget.subtype_steps.setValue(10)
+    events = []
+    widget.runner.job_event.connect(events.append)
+    assert widget.start_subtypes()
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=300_000)
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 1
+    card = read_card(done[0].checkpoint)
+    assert len(card.training["scans"]) == 2
+    assert card.training["classes_trained"] == [1, 2, 3, 4]  # two from each CT
+    assert "Emphysema subtypes (first)" in viewer.layers
+    widget.runner.shutdown()

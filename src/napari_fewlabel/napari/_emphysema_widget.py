@@ -25,6 +25,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -81,6 +82,8 @@ SUBTYPE_COLORS = {
     c.index: (c.color[0] / 255, c.color[1] / 255, c.color[2] / 255) for c in EMPHYSEMA_SUBTYPES[1:]
 }
 RANDOM_ENCODER = "random encoder (no pretraining)"
+#: layer.metadata key of a subtype-regions layer: the name of the CT it was painted on.
+REGIONS_OF_KEY = "fewlabel_subtype_regions_of"
 FROM_FILE = "From file..."
 
 
@@ -171,6 +174,11 @@ class EmphysemaWidget(QWidget):
         self.subtype_steps.setRange(10, 100_000)
         self.subtype_steps.setValue(DEFAULT_STEPS)
         self.subtype_steps.setSuffix(" steps")
+        self.other_cts_check = QCheckBox("Also learn from the regions painted on other open CTs")
+        self.other_cts_check.setToolTip(
+            "Subtype layers made with 'New subtype layer' on other CTs join the training; "
+            "the map is made for the CT chosen in 1."
+        )
         self.subtype_button = QPushButton("Start")
         self.subtype_button.clicked.connect(self._on_subtype_start_stop)
         self.subtype_progress = QProgressBar()
@@ -190,6 +198,7 @@ class EmphysemaWidget(QWidget):
         regions.addWidget(self.regions_combo, 1)
         regions.addWidget(self.new_regions_button)
         form.addRow("Regions", regions)
+        form.addRow("", self.other_cts_check)
         form.addRow("Encoder", self.encoder_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("In use", self.device_label)
@@ -249,6 +258,7 @@ class EmphysemaWidget(QWidget):
             colors=SUBTYPE_COLORS,
         )
         kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in EMPHYSEMA_SUBTYPES]
+        kwargs["metadata"][REGIONS_OF_KEY] = image.name
         layer = self.viewer.add_labels(data, **kwargs)
         layer.selected_label = 1
         layer.mode = "paint"
@@ -355,10 +365,11 @@ class EmphysemaWidget(QWidget):
         except FewLabelError as exc:
             show_error(str(exc))
             return False
+        others = self._other_painted_cts(image) if self.other_cts_check.isChecked() else []
         encoder = self.encoder_combo.currentData()
         job = SubtypeJob(
-            scans=(volume,),
-            labels=(volume.with_array(data),),
+            scans=(volume, *(ct for ct, _ in others)),
+            labels=(volume.with_array(data), *(lab for _, lab in others)),
             out=Path(self._workdir()) / f"subtypes-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
             encoder=None if encoder in (None, FROM_FILE) else str(encoder),
             steps=self.subtype_steps.value(),
@@ -373,6 +384,20 @@ class EmphysemaWidget(QWidget):
         self.subtype_progress.setValue(0)
         self.subtype_status.setText("Starting (segmenting the lungs first)...")
         return True
+
+    def _other_painted_cts(self, current: Image) -> list[tuple[Volume, Volume]]:
+        """(CT, regions) of every other open CT with painted regions made by this widget."""
+        pairs = []
+        for layer in self.viewer.layers:
+            name = layer.metadata.get(REGIONS_OF_KEY) if isinstance(layer, Labels) else None
+            if name is None or name == current.name or name not in self.viewer.layers:
+                continue
+            ct = self.viewer.layers[name]
+            data = np.asarray(layer.data)
+            if isinstance(ct, Image) and data.shape == ct.data.shape and data.any():
+                volume = self._volume(ct)
+                pairs.append((volume, volume.with_array(data)))
+        return pairs
 
     def _workdir(self) -> Path:
         import tempfile
