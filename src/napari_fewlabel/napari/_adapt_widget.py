@@ -16,8 +16,6 @@ so napari stays responsive and Stop keeps the adapted model so far.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,16 +37,15 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume
 from napari_fewlabel.jobs import SegmentationReady, adapt_and_predict
+from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import layer_meta, show_prediction, volume_from_layer
 from napari_fewlabel.napari._plot import LinePlot
-from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
-from napari_fewlabel.train.device import available_devices
+from napari_fewlabel.napari._runner import JobFailed, notify_failure
 from napari_fewlabel.train.events import Done, Notice, Progress
 
 if TYPE_CHECKING:
@@ -86,17 +83,11 @@ def mri_models() -> list[tuple[str, str]]:
     return out
 
 
-class AdaptWidget(QWidget):
+class AdaptWidget(JobWidget):
     """Make an MRI segmentation model work on CT without CT labels."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = ProcessRunner(self)
-        self.runner.job_event.connect(self._on_event)
-        self.runner.job_failed.connect(self._on_failed)
-        self.runner.job_finished.connect(self._on_finished)
-        self._workdir = Path(tempfile.mkdtemp(prefix="fewlabel-adapt-"))
+        super().__init__(napari_viewer, scratch_prefix="fewlabel-adapt-")
         self._checkpoint: Path | None = None
         self._predict_layer: Image | None = None
 
@@ -115,9 +106,6 @@ class AdaptWidget(QWidget):
         ):
             signal.connect(self._refresh_layers)
         self._refresh_layers()
-        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        if window is not None:
-            window.destroyed.connect(self._shutdown)
 
     # ------------------------------------------------------------ layout
     def _build_model_box(self) -> QGroupBox:
@@ -158,11 +146,7 @@ class AdaptWidget(QWidget):
     def _build_device_box(self) -> QGroupBox:
         box = QGroupBox("3. Device and budget")
         form = QFormLayout(box)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(available_devices())
-        self.device_combo.currentTextChanged.connect(self._show_device)
-        self.device_label = QLabel("")
-        self.device_label.setWordWrap(True)
+        self.device_combo = self._device_combo()
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(2, 100_000)
         from napari_fewlabel.train.adapt import DEFAULT_STEPS
@@ -172,7 +156,6 @@ class AdaptWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("In use", self.device_label)
         form.addRow("Budget", self.steps_spin)
-        self._show_device(self.device_combo.currentText())
         return box
 
     def _build_run_box(self) -> QGroupBox:
@@ -279,14 +262,6 @@ class AdaptWidget(QWidget):
         names = ", ".join(c.name for c in card.classes[1:])
         self.model_info.setText(f"{card.modality} model: {names}")
 
-    def _show_device(self, choice: str) -> None:
-        from napari_fewlabel.train.device import describe_device, resolve_device
-
-        try:
-            self.device_label.setText(describe_device(resolve_device(choice)))
-        except FewLabelError as exc:
-            self.device_label.setText(str(exc))
-
     # ------------------------------------------------------------ run
     def _on_start_stop(self) -> None:
         if self.runner.is_running:
@@ -366,18 +341,7 @@ class AdaptWidget(QWidget):
     # ------------------------------------------------------------ events
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Progress):
-            self.progress.setRange(0, event.total)
-            self.progress.setValue(event.step)
-            warm = " (critic warm-up)" if event.extra.get("warmup") else ""
-            parts = [f"step {event.step}/{event.total}{warm}"]
-            for name, value in event.losses.items():
-                self.plot.add_point(name, event.step, value)
-                parts.append(f"{name} {value:.3f}")
-            if event.eta_s is not None:
-                parts.append(f"{round(event.eta_s)} s left")
-            self.status.setText(" · ".join(parts))
-            memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
-            self.device_label.setText(f"{event.device}{memory}")
+            self._show_progress(event, self.progress, self.status, self.plot, losses_in_status=True)
         elif isinstance(event, Notice):
             (show_warning if event.level == "warning" else show_info)(event.message)
             self.status.setText(event.message)
@@ -433,12 +397,3 @@ class AdaptWidget(QWidget):
             return None
         show_info(f"Adapted model saved to {path}")
         return path
-
-    # ------------------------------------------------------------ lifetime
-    def _shutdown(self, *_: Any) -> None:
-        self.runner.shutdown(timeout_s=3.0)
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def closeEvent(self, event: Any) -> None:
-        self._shutdown()
-        super().closeEvent(event)

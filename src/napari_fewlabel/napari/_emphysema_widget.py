@@ -39,7 +39,6 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
@@ -53,6 +52,7 @@ from napari_fewlabel.jobs import (
     measure_emphysema,
     train_and_map_subtypes,
 )
+from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import (
     CLASSES_KEY,
     PREDICTION_KEY,
@@ -61,8 +61,7 @@ from napari_fewlabel.napari._layers import (
     volume_from_layer,
 )
 from napari_fewlabel.napari._plot import LinePlot
-from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
-from napari_fewlabel.train.device import available_devices
+from napari_fewlabel.napari._runner import JobFailed, notify_failure
 from napari_fewlabel.train.events import Done, Notice, Progress
 
 if TYPE_CHECKING:
@@ -87,16 +86,11 @@ REGIONS_OF_KEY = "fewlabel_subtype_regions_of"
 FROM_FILE = "From file..."
 
 
-class EmphysemaWidget(QWidget):
+class EmphysemaWidget(JobWidget):
     """Lung masks and %LAA-950 of a chest CT, as layers and a table."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = ProcessRunner(self)
-        self.runner.job_event.connect(self._on_event)
-        self.runner.job_failed.connect(self._on_failed)
-        self.runner.job_finished.connect(self._on_finished)
+        super().__init__(napari_viewer, scratch_prefix="fewlabel-emphysema-")
         self.report: EmphysemaReport | None = None
         self._job_image: Image | None = None
         self._job_kind = ""
@@ -114,9 +108,6 @@ class EmphysemaWidget(QWidget):
         ):
             signal.connect(self._refresh_layers)
         self._refresh_layers()
-        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        if window is not None:
-            window.destroyed.connect(self._shutdown)
 
     # ------------------------------------------------------------ layout
     def _build_scan_box(self) -> QGroupBox:
@@ -165,11 +156,7 @@ class EmphysemaWidget(QWidget):
         self.encoder_combo.addItem(RANDOM_ENCODER, None)
         self.encoder_combo.addItem(FROM_FILE, FROM_FILE)
         self.encoder_combo.activated.connect(self._on_encoder_activated)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(available_devices())
-        self.device_combo.currentTextChanged.connect(self._show_device)
-        self.device_label = QLabel("")
-        self.device_label.setWordWrap(True)
+        self.device_combo = self._device_combo()
         self.subtype_steps = QSpinBox()
         self.subtype_steps.setRange(10, 100_000)
         self.subtype_steps.setValue(DEFAULT_STEPS)
@@ -208,7 +195,6 @@ class EmphysemaWidget(QWidget):
         form.addRow(self.subtype_status)
         form.addRow(self.subtype_plot)
         form.addRow(self.subtype_table)
-        self._show_device(self.device_combo.currentText())
         return box
 
     # ------------------------------------------------------------ layers
@@ -284,14 +270,6 @@ class EmphysemaWidget(QWidget):
         """Put a DrasCLR encoder (``fewlabel pretrain --method drasclr``) in the list, selected."""
         self.encoder_combo.insertItem(1, path.name, str(path))
         self.encoder_combo.setCurrentIndex(1)
-
-    def _show_device(self, choice: str) -> None:
-        from napari_fewlabel.train.device import describe_device, resolve_device
-
-        try:
-            self.device_label.setText(describe_device(resolve_device(choice)))
-        except FewLabelError as exc:
-            self.device_label.setText(str(exc))
 
     def _volume(self, layer: Image) -> Volume:
         volume = volume_from_layer(np.asarray(layer.data), layer_meta(layer), what="image layer")
@@ -370,7 +348,7 @@ class EmphysemaWidget(QWidget):
         job = SubtypeJob(
             scans=(volume, *(ct for ct, _ in others)),
             labels=(volume.with_array(data), *(lab for _, lab in others)),
-            out=Path(self._workdir()) / f"subtypes-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
+            out=self._workdir / f"subtypes-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
             encoder=None if encoder in (None, FROM_FILE) else str(encoder),
             steps=self.subtype_steps.value(),
             device=self.device_combo.currentText(),
@@ -399,13 +377,6 @@ class EmphysemaWidget(QWidget):
                 pairs.append((volume, volume.with_array(data)))
         return pairs
 
-    def _workdir(self) -> Path:
-        import tempfile
-
-        if not hasattr(self, "_tmp"):
-            self._tmp = Path(tempfile.mkdtemp(prefix="fewlabel-subtypes-"))
-        return self._tmp
-
     def _on_event(self, event: Any) -> None:
         status = self.subtype_status if self._job_kind == "subtypes" else self.status
         if isinstance(event, Notice):
@@ -414,17 +385,9 @@ class EmphysemaWidget(QWidget):
         elif isinstance(event, EmphysemaReady):
             self._show_report(event.report)
         elif isinstance(event, Progress):
-            self.subtype_progress.setRange(0, event.total)
-            self.subtype_progress.setValue(event.step)
-            parts = [f"step {event.step}/{event.total}"]
-            for name, value in event.losses.items():
-                self.subtype_plot.add_point(name, event.step, value)
-                parts.append(f"{name} {value:.3f}")
-            if event.eta_s is not None:
-                parts.append(f"{round(event.eta_s)} s left")
-            status.setText(" · ".join(parts))
-            memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
-            self.device_label.setText(f"{event.device}{memory}")
+            self._show_progress(
+                event, self.subtype_progress, status, self.subtype_plot, losses_in_status=True
+            )
         elif isinstance(event, Done):
             self._subtype_model = event.checkpoint
             self.subtype_button.setText("Cancel mapping")
@@ -542,15 +505,3 @@ class EmphysemaWidget(QWidget):
             return None
         show_info(f"Scores saved to {written}")
         return written
-
-    # ------------------------------------------------------------ lifetime
-    def _shutdown(self, *_: Any) -> None:
-        import shutil
-
-        self.runner.shutdown(timeout_s=3.0)
-        if hasattr(self, "_tmp"):
-            shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def closeEvent(self, event: Any) -> None:
-        self._shutdown()
-        super().closeEvent(event)

@@ -14,8 +14,6 @@ responsive; everything it reports arrives as events from the engine.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +34,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_fewlabel.data.classes import SegmentationClass, default_classes
@@ -45,6 +42,7 @@ from napari_fewlabel.data.slices import AXIS_NAMES, infer_slice_axis, labelled_s
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
 from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict, predict_with_model
+from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import (
     CLASSES_KEY,
     PREDICTION_KEY,
@@ -54,8 +52,7 @@ from napari_fewlabel.napari._layers import (
     volume_from_layer,
 )
 from napari_fewlabel.napari._plot import LinePlot
-from napari_fewlabel.napari._runner import JobFailed, ProcessRunner, notify_failure
-from napari_fewlabel.train.device import available_devices
+from napari_fewlabel.napari._runner import JobFailed, notify_failure
 from napari_fewlabel.train.events import Done, Notice, Progress
 from napari_fewlabel.train.finetune import RANDOM_INIT
 
@@ -68,30 +65,15 @@ RANDOM_START = "none (random initialisation)"
 DEFAULT_STEPS = 300
 
 
-def _format_eta(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = round(seconds)
-    return (
-        f"{seconds // 60} min {seconds % 60:02d} s left" if seconds >= 60 else f"{seconds} s left"
-    )
-
-
-class FinetuneWidget(QWidget):
+class FinetuneWidget(JobWidget):
     """Label a few slices, press Start, get the whole volume segmented."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = ProcessRunner(self)
-        self.runner.job_event.connect(self._on_event)
-        self.runner.job_failed.connect(self._on_failed)
-        self.runner.job_finished.connect(self._on_finished)
+        super().__init__(napari_viewer, scratch_prefix="fewlabel-")
         self._checkpoint: Path | None = None
         self._prediction_layer: Labels | None = None
         self._job_image: Image | None = None
         self._job_kind = ""
-        self._workdir = Path(tempfile.mkdtemp(prefix="fewlabel-"))
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
         self._count_timer.setInterval(250)
@@ -112,7 +94,6 @@ class FinetuneWidget(QWidget):
         for layer in self.viewer.layers:
             layer.events.name.connect(self._refresh_layers)
         self._refresh_layers()
-        self._watch_viewer_close()
 
     # ------------------------------------------------------------ layout
     def _build_scan_box(self) -> QGroupBox:
@@ -172,11 +153,7 @@ class FinetuneWidget(QWidget):
         self.model_combo.addItem(RANDOM_START, RANDOM_INIT)
         self.model_combo.addItem(FROM_FILE, FROM_FILE)
         self.model_combo.activated.connect(self._on_model_activated)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(available_devices())
-        self.device_combo.currentTextChanged.connect(self._show_device)
-        self.device_label = QLabel("")
-        self.device_label.setWordWrap(True)
+        self.device_combo = self._device_combo()
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(10, 100_000)
         self.steps_spin.setValue(DEFAULT_STEPS)
@@ -193,7 +170,6 @@ class FinetuneWidget(QWidget):
         budget.addWidget(QLabel("or at most"))
         budget.addWidget(self.minutes_spin)
         form.addRow("Budget", budget)
-        self._show_device(self.device_combo.currentText())
         return box
 
     def _build_run_box(self) -> QGroupBox:
@@ -390,22 +366,6 @@ class FinetuneWidget(QWidget):
         data = self.model_combo.currentData()
         return None if data in (None, FROM_FILE) else str(data)
 
-    def _show_device(self, choice: str) -> None:
-        from napari_fewlabel.train.device import describe_device, resolve_device
-
-        try:
-            device = resolve_device(choice)
-        except FewLabelError as exc:
-            self.device_label.setText(str(exc))
-            return
-        text = describe_device(device)
-        if device.type == "cuda":
-            import torch
-
-            free, total = torch.cuda.mem_get_info(device)
-            text += f"; {free / 2**30:.1f} of {total / 2**30:.0f} GB free"
-        self.device_label.setText(text)
-
     # ------------------------------------------------------------ run
     def _on_start_stop(self) -> None:
         if self.runner.is_running:
@@ -525,17 +485,7 @@ class FinetuneWidget(QWidget):
     # ------------------------------------------------------------ events
     def _on_event(self, event: Any) -> None:
         if isinstance(event, Progress):
-            self.progress.setRange(0, event.total)
-            self.progress.setValue(event.step)
-            parts = [f"step {event.step}/{event.total}", _format_eta(event.eta_s)]
-            if event.val_dice is not None:
-                parts.append(f"validation Dice {event.val_dice:.3f}")
-                self.plot.add_point("val Dice", event.step, event.val_dice)
-            for name, value in event.losses.items():
-                self.plot.add_point(name, event.step, value)
-            self.status.setText(" · ".join(p for p in parts if p))
-            memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
-            self.device_label.setText(f"{event.device}{memory}")
+            self._show_progress(event, self.progress, self.status, self.plot)
         elif isinstance(event, Notice):
             (show_warning if event.level == "warning" else show_info)(event.message)
             self.status.setText(event.message)
@@ -627,22 +577,3 @@ class FinetuneWidget(QWidget):
             return None
         show_info(f"Mask saved to {written}")
         return written
-
-    # ------------------------------------------------------------ lifetime
-    def _watch_viewer_close(self) -> None:
-        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        if window is not None:
-            window.destroyed.connect(self._shutdown)
-        from qtpy.QtWidgets import QApplication
-
-        app = QApplication.instance()
-        if app is not None:
-            app.aboutToQuit.connect(self._shutdown)
-
-    def _shutdown(self, *_: Any) -> None:
-        self.runner.shutdown(timeout_s=3.0)
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def closeEvent(self, event: Any) -> None:
-        self._shutdown()
-        super().closeEvent(event)
