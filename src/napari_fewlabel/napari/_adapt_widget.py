@@ -99,13 +99,7 @@ class AdaptWidget(JobWidget):
         layout.addWidget(self._build_results_box())
         layout.addStretch(1)
 
-        for signal in (
-            self.viewer.layers.events.inserted,
-            self.viewer.layers.events.removed,
-            self.viewer.layers.events.reordered,
-        ):
-            signal.connect(self._refresh_layers)
-        self._refresh_layers()
+        self._follow_layers()
 
     # ------------------------------------------------------------ layout
     def _build_model_box(self) -> QGroupBox:
@@ -328,15 +322,7 @@ class AdaptWidget(JobWidget):
 
     def stop(self) -> None:
         """Stop adapting (kept: the adapted model so far, then a prediction with it)."""
-        if not self.runner.is_running:
-            return
-        if self.start_button.text() == "Cancel prediction":
-            self.runner.shutdown(timeout_s=0.5)
-            self.status.setText("Prediction cancelled.")
-            return
-        self.runner.stop()
-        self.start_button.setText("Cancel prediction")
-        self.status.setText("Stopping after the current update...")
+        self._stop_then_cancel(self.start_button, self.status, "prediction", "update")
 
     # ------------------------------------------------------------ events
     def _on_event(self, event: Any) -> None:

@@ -101,13 +101,7 @@ class EmphysemaWidget(JobWidget):
         layout.addWidget(self._build_measure_box())
         layout.addWidget(self._build_subtypes_box())
         layout.addStretch(1)
-        for signal in (
-            self.viewer.layers.events.inserted,
-            self.viewer.layers.events.removed,
-            self.viewer.layers.events.reordered,
-        ):
-            signal.connect(self._refresh_layers)
-        self._refresh_layers()
+        self._follow_layers()
 
     # ------------------------------------------------------------ layout
     def _build_scan_box(self) -> QGroupBox:
@@ -309,13 +303,8 @@ class EmphysemaWidget(JobWidget):
             self.start_subtypes()
         elif self._job_kind != "subtypes":
             show_warning("A measurement is running: wait for it or press Cancel.")
-        elif self.subtype_button.text() == "Cancel mapping":
-            self.runner.shutdown(timeout_s=0.5)
-            self.subtype_status.setText("Mapping cancelled.")
         else:
-            self.runner.stop()
-            self.subtype_button.setText("Cancel mapping")
-            self.subtype_status.setText("Stopping after the current step...")
+            self._stop_then_cancel(self.subtype_button, self.subtype_status, "mapping", "step")
 
     def start_subtypes(self) -> bool:
         """Train on the painted regions and map the subtypes; False (notified) if refused."""

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtWidgets import QComboBox, QLabel, QProgressBar, QWidget
+from qtpy.QtWidgets import QComboBox, QLabel, QProgressBar, QPushButton, QWidget
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.napari._plot import LinePlot
@@ -61,6 +61,36 @@ class JobWidget(QWidget):
 
     def _on_finished(self) -> None:
         raise NotImplementedError
+
+    def _follow_layers(self) -> None:
+        """Call ``_refresh_layers`` whenever layers are added, removed or reordered, and now."""
+        for signal in (
+            self.viewer.layers.events.inserted,
+            self.viewer.layers.events.removed,
+            self.viewer.layers.events.reordered,
+        ):
+            signal.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        raise NotImplementedError
+
+    def _stop_then_cancel(self, button: QPushButton, status: QLabel, then: str, unit: str) -> None:
+        """Stop (first press) or cancel what comes after training (second press).
+
+        Stop ends training after the current ``unit`` (step, update) and the job
+        goes on to ``then`` (prediction, mapping) with the model so far; the
+        button becomes "Cancel ``then``", which ends the job.
+        """
+        if not self.runner.is_running:
+            return
+        if button.text() == f"Cancel {then}":
+            self.runner.shutdown(timeout_s=0.5)
+            status.setText(f"{then.capitalize()} cancelled.")
+            return
+        self.runner.stop()
+        button.setText(f"Cancel {then}")
+        status.setText(f"Stopping after the current {unit}...")
 
     # ------------------------------------------------------------ device
     def _device_combo(self) -> QComboBox:

@@ -472,15 +472,7 @@ class FinetuneWidget(JobWidget):
 
     def stop(self) -> None:
         """Stop training (kept: the weights so far, then a prediction with them)."""
-        if not self.runner.is_running:
-            return
-        if self.start_button.text() == "Cancel prediction":
-            self.runner.shutdown(timeout_s=0.5)
-            self.status.setText("Prediction cancelled.")
-            return
-        self.runner.stop()
-        self.start_button.setText("Cancel prediction")
-        self.status.setText("Stopping after the current step...")
+        self._stop_then_cancel(self.start_button, self.status, "prediction", "step")
 
     # ------------------------------------------------------------ events
     def _on_event(self, event: Any) -> None:
