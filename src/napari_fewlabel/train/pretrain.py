@@ -65,15 +65,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from napari_fewlabel import __version__
 from napari_fewlabel.data.archive import EpochIndices, SliceArchive, SliceBlocks, collate_blocks
 from napari_fewlabel.data.classes import default_classes
 from napari_fewlabel.data.normalization import NormalizationConfig
@@ -103,13 +100,12 @@ from napari_fewlabel.train.collapse import effective_rank
 from napari_fewlabel.train.device import (
     autocast,
     describe_device,
-    memory_mb,
     precision_for,
 )
-from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
+from napari_fewlabel.train.events import CancelFlag, Event, Notice
 from napari_fewlabel.train.pretrain_base import (
     Ranks,
-    any_rank,
+    TrainingLoop,
     card_modality,
     device_for,
     finish_distributed,
@@ -549,9 +545,6 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
     recent_projected: list[torch.Tensor] = []
     ranks_figures: dict[str, float] = {}
     start = time.perf_counter()
-    last_save_step = step0
-    step_times: list[float] = []
-    losses: dict[str, float] = {}
 
     def progress_at(step: int) -> float:
         """Fraction of the run done: by steps, or by time when a time budget is set."""
@@ -707,66 +700,40 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
             recent_projected.append(q.global_.detach().float().cpu())
         return {"total": value, **{name: float(v.detach()) for name, v in parts.items()}}
 
-    step = step0
     data = batches(step0)
-    checkpoint: Path | None = None
-    cancelled = False
-    while step < job.steps:
-        stop = cancel is not None and cancel.is_set()
-        if job.time_budget_s is not None:
-            stop = stop or time.perf_counter() - start >= job.time_budget_s
-        if any_rank(stop, ranks, device):
-            cancelled = cancel is not None and cancel.is_set()
-            break
-        t0 = time.perf_counter()
+
+    def one_step(step: int) -> dict[str, float]:
         losses = train_step(next(data), step)
-        step += 1
-        step_times.append(time.perf_counter() - t0)
         _keep_last_rows(recent, settings.rank_window)
         _keep_last_rows(recent_projected, settings.rank_window)
+        return losses
+
+    def after_step(step: int, per_step: float) -> None:
         if step % settings.rank_every == 0 or step == job.steps:
             ranks_figures["effective_rank"] = round(effective_rank(torch.cat(recent)), 2)
             if recent_projected:
                 ranks_figures["effective_rank_projection"] = round(
                     effective_rank(torch.cat(recent_projected)), 2
                 )
-        per_step = float(np.mean(step_times[-20:]))
         ranks_figures["slices_per_s"] = round(global_batch / per_step, 2)
-        if ranks.is_main:
-            yield Progress(
-                step=step,
-                total=job.steps,
-                losses=losses,
-                eta_s=(job.steps - step) * per_step,
-                device=device_text,
-                memory_mb=memory_mb(device),
-                phase="pretrain",
-                extra={**ranks_figures, "queue_keys_seen": float(queue.keys_seen)},
-            )
-            if step - last_save_step >= job.checkpoint_every and step < job.steps:
-                checkpoint = save(step)
-                last_save_step = step
-    if ranks.is_main:
-        checkpoint = save(step)
-    if ranks.world_size > 1:
-        dist.barrier()
-    if ranks.is_main:
-        yield Done(
-            checkpoint,
-            {
-                "steps_done": step,
-                "steps_planned": job.steps,
-                "train_seconds": round(train_seconds0 + time.perf_counter() - start, 1),
-                "final_losses": dict(losses),
-                "device": device_text,
-                "processes": ranks.world_size,
-                "state": str(state_path(out)),
-                "queue_keys_seen": int(queue.keys_seen),
-                **ranks_figures,
-                "package_version": __version__,
-            },
-            cancelled=cancelled,
-        )
+
+    yield from TrainingLoop(
+        steps=job.steps,
+        step0=step0,
+        one_step=one_step,
+        after_step=after_step,
+        figures=ranks_figures,
+        save=save,
+        checkpoint_every=job.checkpoint_every,
+        ranks=ranks,
+        device=device,
+        device_text=device_text,
+        state_file=state_path(out),
+        queue_keys_seen=lambda: int(queue.keys_seen),
+        start=start,
+        train_seconds0=train_seconds0,
+        time_budget_s=job.time_budget_s,
+    ).run(cancel)
 
 
 def _keep_last_rows(chunks: list[torch.Tensor], rows: int) -> None:

@@ -14,16 +14,20 @@ import contextlib
 import math
 import os
 import platform
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from napari_fewlabel import __version__
 from napari_fewlabel.io.volume import Modality
-from napari_fewlabel.train.device import resolve_device
+from napari_fewlabel.train.device import memory_mb, resolve_device
+from napari_fewlabel.train.events import CancelFlag, Done, Event, Progress
 
 
 @dataclass(frozen=True)
@@ -123,3 +127,87 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device)
         for name, value in entries.items():
             if isinstance(value, torch.Tensor) and name != "step":
                 entries[name] = value.to(device)
+
+
+@dataclass
+class TrainingLoop:
+    """The step loop every pretraining method shares, on every rank.
+
+    Each step: check Stop and the time budget on all ranks together, run
+    ``one_step(step)`` (returns the losses), let ``after_step(step, seconds
+    per step)`` update ``figures``; on rank 0 a :class:`Progress` event and a
+    checkpoint every ``checkpoint_every`` steps. At the end rank 0 saves, all
+    ranks meet, and rank 0 yields :class:`Done` with the summary.
+    """
+
+    steps: int
+    step0: int
+    one_step: Callable[[int], dict[str, float]]
+    after_step: Callable[[int, float], None]
+    figures: dict[str, float]
+    save: Callable[[int], Path]
+    checkpoint_every: int
+    ranks: Ranks
+    device: torch.device
+    device_text: str
+    state_file: Path
+    queue_keys_seen: Callable[[], int]
+    start: float
+    train_seconds0: float
+    time_budget_s: float | None
+
+    def run(self, cancel: CancelFlag | None) -> Iterator[Event]:
+        step, last_save_step, cancelled = self.step0, self.step0, False
+        checkpoint: Path | None = None
+        step_times: list[float] = []
+        losses: dict[str, float] = {}
+        while step < self.steps:
+            stop = cancel is not None and cancel.is_set()
+            if self.time_budget_s is not None:
+                stop = stop or time.perf_counter() - self.start >= self.time_budget_s
+            if any_rank(stop, self.ranks, self.device):
+                cancelled = cancel is not None and cancel.is_set()
+                break
+            t0 = time.perf_counter()
+            losses = self.one_step(step)
+            step += 1
+            step_times.append(time.perf_counter() - t0)
+            per_step = float(np.mean(step_times[-20:]))
+            self.after_step(step, per_step)
+            if self.ranks.is_main:
+                yield Progress(
+                    step=step,
+                    total=self.steps,
+                    losses=losses,
+                    eta_s=(self.steps - step) * per_step,
+                    device=self.device_text,
+                    memory_mb=memory_mb(self.device),
+                    phase="pretrain",
+                    extra={**self.figures, "queue_keys_seen": float(self.queue_keys_seen())},
+                )
+                if step - last_save_step >= self.checkpoint_every and step < self.steps:
+                    checkpoint = self.save(step)
+                    last_save_step = step
+        if self.ranks.is_main:
+            checkpoint = self.save(step)
+        if self.ranks.world_size > 1:
+            dist.barrier()
+        if self.ranks.is_main:
+            yield Done(
+                checkpoint,
+                {
+                    "steps_done": step,
+                    "steps_planned": self.steps,
+                    "train_seconds": round(
+                        self.train_seconds0 + time.perf_counter() - self.start, 1
+                    ),
+                    "final_losses": dict(losses),
+                    "device": self.device_text,
+                    "processes": self.ranks.world_size,
+                    "state": str(self.state_file),
+                    "queue_keys_seen": int(self.queue_keys_seen()),
+                    **self.figures,
+                    "package_version": __version__,
+                },
+                cancelled=cancelled,
+            )

@@ -51,11 +51,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from napari_fewlabel import __version__
 from napari_fewlabel.data.archive import ArchiveScan, find_scans, read_scan_header
 from napari_fewlabel.data.classes import default_classes
 from napari_fewlabel.data.normalization import NormalizationConfig
@@ -88,11 +86,11 @@ from napari_fewlabel.models.checkpoint import (
 )
 from napari_fewlabel.models.drasclr import DrasCLRConfig, DrasCLREncoder
 from napari_fewlabel.models.heads import MLPHead
-from napari_fewlabel.train.device import autocast, describe_device, memory_mb, precision_for
-from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
+from napari_fewlabel.train.device import autocast, describe_device, precision_for
+from napari_fewlabel.train.events import CancelFlag, Event, Notice
 from napari_fewlabel.train.pretrain_base import (
     Ranks,
-    any_rank,
+    TrainingLoop,
     device_for,
     finish_distributed,
     hardware_text,
@@ -438,8 +436,6 @@ def _train(
         )
 
     start = time.perf_counter()
-    step_times: list[float] = []
-    losses: dict[str, float] = {}
     figures: dict[str, float] = {}
 
     def progress_at(step: int) -> float:
@@ -526,60 +522,29 @@ def _train(
             "neighbour": float(neighbour.detach()),
         }
 
-    step = step0
-    checkpoint: Path | None = None
-    last_save_step = step0
-    cancelled = False
-    while step < job.steps:
-        stop = cancel is not None and cancel.is_set()
-        if job.time_budget_s is not None:
-            stop = stop or time.perf_counter() - start >= job.time_budget_s
-        if any_rank(stop, ranks, device):
-            cancelled = cancel is not None and cancel.is_set()
-            break
-        t0 = time.perf_counter()
-        batch = _draw_batch(archive, shard, settings, rng, generator)
-        losses = train_step(batch, step)
-        step += 1
-        step_times.append(time.perf_counter() - t0)
-        per_step = float(np.mean(step_times[-20:]))
+    def after_step(step: int, per_step: float) -> None:
         figures["patches_per_s"] = round(4 * global_batch / per_step, 2)
         figures["scan_loads"] = float(archive.loads)
-        if ranks.is_main:
-            yield Progress(
-                step=step,
-                total=job.steps,
-                losses=losses,
-                eta_s=(job.steps - step) * per_step,
-                device=device_text,
-                memory_mb=memory_mb(device),
-                phase="pretrain",
-                extra={**figures, "queue_keys_seen": float(queues.keys_seen)},
-            )
-            if step - last_save_step >= job.checkpoint_every and step < job.steps:
-                checkpoint = save(step)
-                last_save_step = step
-    if ranks.is_main:
-        checkpoint = save(step)
-    if ranks.world_size > 1:
-        dist.barrier()
-    if ranks.is_main:
-        yield Done(
-            checkpoint,
-            {
-                "steps_done": step,
-                "steps_planned": job.steps,
-                "train_seconds": round(train_seconds0 + time.perf_counter() - start, 1),
-                "final_losses": dict(losses),
-                "device": device_text,
-                "processes": ranks.world_size,
-                "state": str(state_path(out)),
-                "queue_keys_seen": int(queues.keys_seen),
-                **figures,
-                "package_version": __version__,
-            },
-            cancelled=cancelled,
-        )
+
+    yield from TrainingLoop(
+        steps=job.steps,
+        step0=step0,
+        one_step=lambda step: train_step(
+            _draw_batch(archive, shard, settings, rng, generator), step
+        ),
+        after_step=after_step,
+        figures=figures,
+        save=save,
+        checkpoint_every=job.checkpoint_every,
+        ranks=ranks,
+        device=device,
+        device_text=device_text,
+        state_file=state_path(out),
+        queue_keys_seen=lambda: int(queues.keys_seen),
+        start=start,
+        train_seconds0=train_seconds0,
+        time_budget_s=job.time_budget_s,
+    ).run(cancel)
 
 
 def _resume(
