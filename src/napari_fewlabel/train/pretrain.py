@@ -57,7 +57,6 @@ atomically every ``checkpoint_every`` steps and at the end; ``resume_from``
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import time
 from collections.abc import Iterator, Mapping
@@ -106,14 +105,15 @@ from napari_fewlabel.train.events import CancelFlag, Event, Notice
 from napari_fewlabel.train.pretrain_base import (
     Ranks,
     TrainingLoop,
+    backward_and_step,
     card_modality,
     device_for,
     finish_distributed,
-    hardware_text,
     init_distributed,
     lr_factor,
     momentum_update,
     move_optimizer_state,
+    run_record,
 )
 
 Method = Literal["ideal", "medmoco"]
@@ -581,17 +581,17 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
                         "percentiles, then z-scored"
                     ),
                 },
-                "steps_done": steps_done,
-                "steps_planned": job.steps,
-                "global_batch": global_batch,
-                "processes": ranks.world_size,
-                "seed": job.seed,
-                "device": device_text,
-                "precision": precision.name,
-                "hardware": hardware_text(),
-                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "train_seconds": round(train_seconds0 + time.perf_counter() - start, 1),
-                "storage_dtype": "float16" if job.half else "float32",
+                **run_record(
+                    steps_done=steps_done,
+                    steps_planned=job.steps,
+                    global_batch=global_batch,
+                    ranks=ranks,
+                    seed=job.seed,
+                    device_text=device_text,
+                    precision_name=precision.name,
+                    train_seconds=train_seconds0 + time.perf_counter() - start,
+                    half=job.half,
+                ),
                 **ranks_figures,
             },
         )
@@ -677,14 +677,7 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
         }
         loss = sum(weights[name] * value for name, value in parts.items())
         assert isinstance(loss, torch.Tensor)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         if new_keys is not None:
             # After the backward pass: the loss's graph holds the queue as it was.
             queue.enqueue(new_keys)

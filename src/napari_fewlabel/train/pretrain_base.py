@@ -11,6 +11,7 @@ all ranks stop together when any of them is told to.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import platform
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,6 +129,50 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device)
         for name, value in entries.items():
             if isinstance(value, torch.Tensor) and name != "step":
                 entries[name] = value.to(device)
+
+
+def backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Zero the gradients, back-propagate ``loss`` (scaled for float16) and step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def run_record(
+    *,
+    steps_done: int,
+    steps_planned: int,
+    global_batch: int,
+    ranks: Ranks,
+    seed: int,
+    device_text: str,
+    precision_name: str,
+    train_seconds: float,
+    half: bool,
+) -> dict[str, Any]:
+    """How a pretraining run went, for its model card: steps, batch, processes, hardware, date."""
+    return {
+        "steps_done": steps_done,
+        "steps_planned": steps_planned,
+        "global_batch": global_batch,
+        "processes": ranks.world_size,
+        "seed": seed,
+        "device": device_text,
+        "precision": precision_name,
+        "hardware": hardware_text(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "train_seconds": round(train_seconds, 1),
+        "storage_dtype": "float16" if half else "float32",
+    }
 
 
 @dataclass

@@ -40,7 +40,6 @@ key networks, queues and optimizer; ``resume_from`` continues).
 from __future__ import annotations
 
 import copy
-import datetime
 import math
 import time
 from collections import OrderedDict
@@ -91,13 +90,14 @@ from napari_fewlabel.train.events import CancelFlag, Event, Notice
 from napari_fewlabel.train.pretrain_base import (
     Ranks,
     TrainingLoop,
+    backward_and_step,
     device_for,
     finish_distributed,
-    hardware_text,
     init_distributed,
     lr_factor,
     momentum_update,
     move_optimizer_state,
+    run_record,
 )
 
 METHOD = "drasclr"
@@ -463,17 +463,17 @@ def _train(
                     "normalization": "HU clipped to [-1024, 240] -> [-1, 1]",
                     "locations": "patch centre in the lung bounding box, [-1, 1]^3 (z, y, x)",
                 },
-                "steps_done": steps_done,
-                "steps_planned": job.steps,
-                "global_batch": global_batch,
-                "processes": ranks.world_size,
-                "seed": job.seed,
-                "device": device_text,
-                "precision": precision.name,
-                "hardware": hardware_text(),
-                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "train_seconds": round(train_seconds0 + time.perf_counter() - start, 1),
-                "storage_dtype": "float16" if job.half else "float32",
+                **run_record(
+                    steps_done=steps_done,
+                    steps_planned=job.steps,
+                    global_batch=global_batch,
+                    ranks=ranks,
+                    seed=job.seed,
+                    device_text=device_text,
+                    precision_name=precision.name,
+                    train_seconds=train_seconds0 + time.perf_counter() - start,
+                    half=job.half,
+                ),
                 **figures,
             },
         )
@@ -500,14 +500,7 @@ def _train(
             nb = neighbour_query(z[b : 2 * b], z[2 * b :])
             neighbour = location_infonce(nb, keys, negatives, temperature=settings.temperature)
             loss = local + settings.neighbour_weight * neighbour
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         # After the backward pass: the loss's graph holds the queues as they were.
         queues.enqueue(keys, bins)
         momentum_update(query, key, settings.momentum)
