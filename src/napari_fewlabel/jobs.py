@@ -7,7 +7,7 @@ them inline; both consume the same events (``train.events`` plus
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,19 +75,15 @@ def train_and_map_subtypes(
 
     Stop keeps the classifier so far and still maps, as fine-tuning does.
     """
-    done: Done | None = None
-    for event in subtypes.run(job, cancel=cancel):
-        yield event
-        if isinstance(event, Done):
-            done = event
-    if done is None or done.checkpoint is None:
+    checkpoint = yield from _relay(subtypes.run(job, cancel=cancel))
+    if checkpoint is None:
         return
     yield Notice("Mapping the subtypes over the lungs...")
     device = resolve_device(job.device)
-    model = load_subtype_model(done.checkpoint, device=device)
+    model = load_subtype_model(checkpoint, device=device)
     lungs = job.lungs[0] if job.lungs and scan is job.scans[0] else None
     result = map_subtypes(model, scan, lungs, device=device)
-    yield SubtypesReady(result.labels, result.percent(), Path(done.checkpoint))
+    yield SubtypesReady(result.labels, result.percent(), Path(checkpoint))
 
 
 def finetune_and_predict(
@@ -99,15 +95,11 @@ def finetune_and_predict(
     Stop promises: keep what was learnt so far). Cancelling again during the
     prediction is the runner's business (it ends the process).
     """
-    done: Done | None = None
-    for event in finetune.run(job, cancel=cancel):
-        yield event
-        if isinstance(event, Done):
-            done = event
-    if done is None or done.checkpoint is None:
+    checkpoint = yield from _relay(finetune.run(job, cancel=cancel))
+    if checkpoint is None:
         return
     yield Notice("Predicting the whole volume...")
-    yield from _predict(done.checkpoint, job.image, job.device)
+    yield from _predict(checkpoint, job.image, job.device)
 
 
 def adapt_and_predict(
@@ -117,15 +109,11 @@ def adapt_and_predict(
 
     As with fine-tuning, Stop keeps the adapted model so far and still predicts.
     """
-    done: Done | None = None
-    for event in adapt.run(job, cancel=cancel):
-        yield event
-        if isinstance(event, Done):
-            done = event
-    if done is None or done.checkpoint is None:
+    checkpoint = yield from _relay(adapt.run(job, cancel=cancel))
+    if checkpoint is None:
         return
     yield Notice("Predicting the CT with the adapted model...")
-    yield from _predict(done.checkpoint, predict_on, job.device)
+    yield from _predict(checkpoint, predict_on, job.device)
 
 
 def predict_with_model(
@@ -133,6 +121,16 @@ def predict_with_model(
 ) -> Iterator[Event | SegmentationReady]:
     """Predict ``image`` with a saved model (registry name or path)."""
     yield from _predict(resolve_model(model), image, device)
+
+
+def _relay(events: Iterator[Event]) -> Generator[Event, None, Path | None]:
+    """Pass a training job's events on; return the checkpoint its Done names (None if none)."""
+    checkpoint: Path | None = None
+    for event in events:
+        yield event
+        if isinstance(event, Done) and event.checkpoint is not None:
+            checkpoint = Path(event.checkpoint)
+    return checkpoint
 
 
 def _predict(checkpoint: Path, image: Volume, device: str) -> Iterator[Event | SegmentationReady]:

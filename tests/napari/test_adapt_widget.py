@@ -15,6 +15,7 @@ from napari_fewlabel.napari._adapt_widget import CHOOSE, AdaptWidget
 from napari_fewlabel.napari._layers import PREDICTION_KEY, image_layer_data
 from napari_fewlabel.train import finetune
 from napari_fewlabel.train.events import Done, Progress
+from notifications import notifications
 
 pytestmark = pytest.mark.gui
 SHAPE, SPACING = (16, 64, 64), (4.0, 3.0, 3.0)
@@ -57,18 +58,6 @@ def viewer_and_widget(make_napari_viewer, pair):
     viewer.window.add_dock_widget(widget)
     yield viewer, widget
     widget.runner.shutdown()
-
-
-def _notifications(action):
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        action()
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
-    return [n.message for n in seen]
 
 
 def test_scans_are_ticked_by_modality(viewer_and_widget, pair):
@@ -141,17 +130,17 @@ def test_stop_keeps_the_adapted_model_and_predicts(viewer_and_widget, mr_model, 
 
 def test_bad_choices_are_refused_with_a_notification(viewer_and_widget, mr_model):
     viewer, widget = viewer_and_widget
-    messages = _notifications(widget.start)
+    messages = notifications(widget.start)
     assert any("Choose the source model" in m for m in messages)
     assert not widget.runner.is_running
 
     widget.add_model_file(mr_model)
     widget.set_ticked("target", [])
-    messages = _notifications(widget.start)
+    messages = notifications(widget.start)
     assert any("Tick at least one CT scan" in m for m in messages)
 
     widget.set_ticked("target", [viewer.layers["mr"]])
-    messages = _notifications(widget.start)
+    messages = notifications(widget.start)
     assert any("mr is MR, not CT" in m for m in messages)
     assert not widget.runner.is_running
 

@@ -17,6 +17,7 @@ from napari_fewlabel.models.checkpoint import read_card
 from napari_fewlabel.napari._emphysema_widget import EmphysemaWidget
 from napari_fewlabel.napari._layers import image_layer_data
 from napari_fewlabel.train.events import Done, Progress
+from notifications import notifications
 from subtype_regions import labelled_blobs
 
 pytestmark = pytest.mark.gui
@@ -31,18 +32,6 @@ def viewer_with_lung1(make_napari_viewer):
     viewer.window.add_dock_widget(widget)
     yield viewer, widget
     widget.runner.shutdown()
-
-
-def _notifications(action):
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        action()
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
-    return [n.message for n in seen]
 
 
 def test_measure_shows_lungs_laa_and_the_table(viewer_with_lung1, qtbot, tmp_path):
@@ -87,12 +76,12 @@ def test_cancel_ends_the_measurement(viewer_with_lung1, qtbot):
     assert widget.report is None
 
 
-def test_refusals_and_errors_are_notifications(make_napari_viewer, qtbot):
+def test_refusals_and_errors_arenotifications(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     widget = EmphysemaWidget(viewer)
-    messages = _notifications(widget.measure)
+    messages = notifications(widget.measure)
     assert any("Open a chest CT first" in m for m in messages)
-    messages = _notifications(lambda: widget.export_table(Path("x.csv")))
+    messages = notifications(lambda: widget.export_table(Path("x.csv")))
     assert any("press Measure first" in m for m in messages)
 
     # An MR layer is not offered. Without a known modality it is, and the job refuses it
@@ -176,11 +165,11 @@ def test_subtype_stop_keeps_the_classifier_and_maps(viewer_with_phantom, emphyse
 
 def test_subtypes_refused_without_regions(viewer_with_phantom):
     viewer, widget = viewer_with_phantom
-    messages = _notifications(widget.start_subtypes)
+    messages = notifications(widget.start_subtypes)
     assert any("paint a few regions" in m for m in messages)
     viewer.add_labels(np.zeros((4, 4, 4), np.uint8), name="wrong grid")
     widget.regions_combo.setCurrentIndex(widget.regions_combo.findText("wrong grid"))
-    messages = _notifications(widget.start_subtypes)
+    messages = notifications(widget.start_subtypes)
     assert any("use 'New subtype layer'" in m for m in messages)
     assert not widget.runner.is_running
 

@@ -15,6 +15,7 @@ from napari_fewlabel.models.checkpoint import load_checkpoint, load_optimizer_st
 from napari_fewlabel.napari._layers import image_layer_data
 from napari_fewlabel.napari._widget import FinetuneWidget
 from napari_fewlabel.train.events import Done, Progress
+from notifications import notifications
 
 pytestmark = pytest.mark.gui
 PLUGIN = "napari-fewlabel"
@@ -45,18 +46,6 @@ def _paint(layer, truth, slices=LABELLED):
     for z in slices:
         layer.data[z] = truth[z]
     layer.events.data()
-
-
-def _notifications(qtbot, action):
-    from napari.utils.notifications import notification_manager
-
-    seen = []
-    notification_manager.notification_ready.connect(seen.append)
-    try:
-        action()
-    finally:
-        notification_manager.notification_ready.disconnect(seen.append)
-    return [n.message for n in seen]
 
 
 def _wait_done(qtbot, widget, timeout_ms=600_000):
@@ -151,18 +140,18 @@ def test_error_paths_notify_and_leave_the_widget_usable(
     viewer, widget = widget_with_scan
 
     # no annotation layer
-    messages = _notifications(qtbot, widget.start)
+    messages = notifications(widget.start)
     assert any("New annotation layer" in m for m in messages)
 
     # no labelled slice
     annotation = widget.new_annotation_layer()
-    messages = _notifications(qtbot, widget.start)
+    messages = notifications(widget.start)
     assert any("No labelled slice" in m for m in messages)
 
     # a labels layer that does not match the scan
     viewer.add_labels(np.ones((3, 4, 5), np.uint8), name="wrong shape")
     widget.labels_combo.setCurrentText("wrong shape")
-    messages = _notifications(qtbot, widget.start)
+    messages = notifications(widget.start)
     assert any("has shape (3, 4, 5)" in m for m in messages)
 
     # a checkpoint that is really a pickle
@@ -171,15 +160,15 @@ def test_error_paths_notify_and_leave_the_widget_usable(
     widget.add_model_file(bad)
     failures = []
     widget.runner.job_failed.connect(failures.append)
-    messages = _notifications(
-        qtbot, lambda: (widget.predict_with_selected_model(), _wait_done(qtbot, widget))
+    messages = notifications(
+        lambda: (widget.predict_with_selected_model(), _wait_done(qtbot, widget))
     )
     assert failures and failures[0].user_error
     assert any("pickle" in m.lower() for m in messages)
 
     # no image at all
     viewer.layers.remove("phantom")
-    messages = _notifications(qtbot, widget.start)
+    messages = notifications(widget.start)
     assert any("Choose a scan" in m for m in messages)
 
     # ...and after all that, the widget still works
@@ -193,7 +182,7 @@ def test_second_start_is_refused_while_running(widget_with_scan, small_phantom, 
     _paint(widget.new_annotation_layer(), small_phantom.labels.array)
     widget.steps_spin.setValue(100_000)
     assert widget.start()
-    messages = _notifications(qtbot, lambda: widget.start() or widget.predict_with_selected_model())
+    messages = notifications(lambda: widget.start() or widget.predict_with_selected_model())
     assert any("already running" in m for m in messages)
     widget.runner.shutdown()
 

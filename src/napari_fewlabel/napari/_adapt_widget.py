@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -153,20 +152,9 @@ class AdaptWidget(JobWidget):
         return box
 
     def _build_run_box(self) -> QGroupBox:
-        box = QGroupBox("4. Adapt")
-        layout = QVBoxLayout(box)
-        self.start_button = QPushButton("Start")
-        self.start_button.clicked.connect(self._on_start_stop)
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m steps")
-        self.status = QLabel("Choose an MRI model and tick the CT scans, then press Start.")
-        self.status.setWordWrap(True)
-        self.plot = LinePlot()
-        layout.addWidget(self.start_button)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(self.plot)
-        return box
+        return self._run_box(
+            "4. Adapt", "Choose an MRI model and tick the CT scans, then press Start.", LinePlot()
+        )
 
     def _build_results_box(self) -> QGroupBox:
         box = QGroupBox("5. Results")

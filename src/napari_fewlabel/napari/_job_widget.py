@@ -15,7 +15,15 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtWidgets import QComboBox, QLabel, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QGroupBox,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.napari._plot import LinePlot
@@ -91,6 +99,24 @@ class JobWidget(QWidget):
         self.runner.stop()
         button.setText(f"Cancel {then}")
         status.setText(f"Stopping after the current {unit}...")
+
+    def _run_box(self, title: str, hint: str, plot: LinePlot) -> QGroupBox:
+        """Start/Stop button, progress bar, status line and live plot, in a titled box."""
+        box = QGroupBox(title)
+        layout = QVBoxLayout(box)
+        self.start_button = QPushButton("Start")
+        self.start_button.clicked.connect(self._on_start_stop)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m steps")
+        self.status = QLabel(hint)
+        self.status.setWordWrap(True)
+        self.plot = plot
+        for widget in (self.start_button, self.progress, self.status, self.plot):
+            layout.addWidget(widget)
+        return box
+
+    def _on_start_stop(self) -> None:
+        raise NotImplementedError
 
     # ------------------------------------------------------------ device
     def _device_combo(self) -> QComboBox:

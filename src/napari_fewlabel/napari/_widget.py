@@ -30,7 +30,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -173,20 +172,11 @@ class FinetuneWidget(JobWidget):
         return box
 
     def _build_run_box(self) -> QGroupBox:
-        box = QGroupBox("4. Fine-tune")
-        layout = QVBoxLayout(box)
-        self.start_button = QPushButton("Start")
-        self.start_button.clicked.connect(self._on_start_stop)
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m steps")
-        self.status = QLabel("Paint a few slices, then press Start.")
-        self.status.setWordWrap(True)
-        self.plot = LinePlot(unit_range=("val Dice",))
-        layout.addWidget(self.start_button)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(self.plot)
-        return box
+        return self._run_box(
+            "4. Fine-tune",
+            "Paint a few slices, then press Start.",
+            LinePlot(unit_range=("val Dice",)),
+        )
 
     def _build_results_box(self) -> QGroupBox:
         box = QGroupBox("5. Results")
