@@ -72,6 +72,19 @@ def test_adapt_then_predict(files, capsys, monkeypatch):
     assert load_volume(mask).shape == load_volume(ct_path).shape
 
 
+def test_gp_objective_takes_five_critic_updates_unless_told(files, capsys, tmp_path):
+    _, source, mr_path, ct_path = files
+    common = ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+              "--steps", "1", "--warmup", "1", "--objective", "gp", "--device", "cpu"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "gp.safetensors")]) == 0
+    settings = read_card(tmp_path / "gp.safetensors").training["settings"]
+    assert settings["objective"] == "gp" and settings["critic_updates"] == 5
+    told = tmp_path / "gp3.safetensors"
+    assert main([*common, "--out", str(told), "--critic-updates", "3"]) == 0
+    assert read_card(told).training["settings"]["critic_updates"] == 3
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

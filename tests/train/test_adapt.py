@@ -343,7 +343,7 @@ def test_adaptation_improves_ct_dice_on_the_phantom_pair(tmp_path):
         out=tmp_path / "ct.safetensors",
         steps=ADAPT_STEPS,
         device="cpu",
-        settings=adapt.AdaptSettings(warmup_steps=10),
+        settings=adapt.AdaptSettings.wgan_gp(warmup_steps=10),
         checkpoint_every_s=3600.0,
     )
     _run(job)
@@ -354,10 +354,12 @@ def test_adaptation_improves_ct_dice_on_the_phantom_pair(tmp_path):
     assert after >= as_ct + IMPROVEMENT, (as_mr, as_ct, after)
 
 
-#: The configuration of benchmarks/adaptation.py (measured there: 0.66 -> 0.75 from the
-#: HU-window start; the MR model with its own normalisation gets 0.78, see docs/adaptation.md).
-#: About 3.5 minutes on one CPU thread: shorter source training leaves a weak source model
-#: (0.28 at 300 steps) that adaptation cannot help.
+#: The configuration of `benchmarks/adaptation.py --objective gp --adapt-steps 900` (WGAN-GP,
+#: 5 critic updates per DAM update): 0.601 -> 0.820 on 2 threads. Other job seeds gained
+#: 0.195-0.22 (docs/benchmarks.md), so the +0.2 holds for this seed, not with a wide margin; the
+#: paper's weight clipping gains about 0.11-0.13 on this pair, hence the WGAN-GP preset here.
+#: About 5 minutes on 2 CPU threads: shorter source training leaves a weak source model (0.28 at
+#: 300 steps) that adaptation cannot help.
 SOURCE_STEPS = 700
-ADAPT_STEPS = 150
-IMPROVEMENT = 0.05
+ADAPT_STEPS = 900
+IMPROVEMENT = 0.2
