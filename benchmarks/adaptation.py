@@ -2,7 +2,7 @@
 
     python benchmarks/adaptation.py > benchmarks/results/adaptation.json  # ~15 min, 2 CPU cores
     python benchmarks/adaptation.py --objective gp --adapt-steps 900 \
-        > benchmarks/results/adaptation_gp.json                             # ~12 min
+        > benchmarks/results/adaptation_gp.json                             # ~11 min
 
 A source model is trained supervised on the MR phantom (seed 0, every slice
 labelled, 3 adjacent slices as input). The target is the CT phantom of another
