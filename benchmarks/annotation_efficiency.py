@@ -115,16 +115,19 @@ def evenly_spread(labels: np.ndarray, k: int) -> list[int]:
 
 
 def dice_on_unlabelled(
-    pred: np.ndarray, truth: np.ndarray, labelled: list[int]
+    pred: np.ndarray,
+    truth: np.ndarray,
+    labelled: list[int],
+    class_names: tuple[str, ...] = CLASS_NAMES,
 ) -> dict[str, float]:
     keep = np.ones(truth.shape[0], dtype=bool)
     keep[labelled] = False
     p, t = pred[keep], truth[keep]
     out = {}
-    for k, name in enumerate(CLASS_NAMES[1:], start=1):
+    for k, name in enumerate(class_names[1:], start=1):
         denom = int((p == k).sum() + (t == k).sum())
         out[name] = 2 * int(((p == k) & (t == k)).sum()) / denom if denom else 1.0
-    out["mean"] = float(np.mean([out[n] for n in CLASS_NAMES[1:]]))
+    out["mean"] = float(np.mean([out[n] for n in class_names[1:]]))
     return {k: round(v, 4) for k, v in out.items()}
 
 
@@ -181,13 +184,14 @@ def train_ours(
     seed: int,
     encoder: str | None,
     workdir: Path,
+    class_names: tuple[str, ...] = CLASS_NAMES,
 ) -> tuple[SegmentationModel, dict[str, Any]]:
     settings, arch, multiplier = settings_for(method)
     job = FinetuneJob(
         image=image,
         labels=partial,
         out=workdir / f"{method}.safetensors",
-        classes=named_classes(CLASS_NAMES),
+        classes=named_classes(class_names),
         # "pretrained": --encoder, else the shipped default; every other row: random init.
         model=encoder if method == "pretrained" else RANDOM_INIT,
         axis=0,
