@@ -135,9 +135,7 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 def settings_from(args: argparse.Namespace) -> adapt.AdaptSettings:
     """The paper's weight clipping (default) or the WGAN-GP preset, as ``fewlabel adapt`` builds them."""
-    if args.objective == "gp":
-        return adapt.AdaptSettings.wgan_gp(warmup_steps=args.warmup)
-    return adapt.AdaptSettings(warmup_steps=args.warmup)
+    return adapt.AdaptSettings.for_objective(args.objective, warmup_steps=args.warmup)
 
 
 def adapt_to(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 
 import nibabel as nib
 import pytest
@@ -47,11 +47,13 @@ def files(tmp_path_factory):
 
 def test_adapt_then_predict(files, capsys, monkeypatch):
     folder, source, mr_path, ct_path = files
+
     # Keep the critic small so the test stays quick; everything else is the CLI's.
-    settings = adapt.AdaptSettings
-    monkeypatch.setattr(
-        adapt, "AdaptSettings", lambda **kw: replace(settings(**kw), critic_width=8)
-    )
+    @dataclass(frozen=True)
+    class SmallCritic(adapt.AdaptSettings):
+        critic_width: int = 8
+
+    monkeypatch.setattr(adapt, "AdaptSettings", SmallCritic)
     out = folder / "adapted.safetensors"
     code = main(
         ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),

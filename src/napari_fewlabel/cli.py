@@ -737,7 +737,6 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     from napari_fewlabel.train.adapt import DEFAULT_STEPS, AdaptJob, AdaptSettings, run
 
@@ -748,9 +747,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         "critic_updates": args.critic_updates,
         "dam_stages": args.dam_stages,
     }
-    base = AdaptSettings.wgan_gp() if args.objective == "gp" else AdaptSettings()
-    settings = replace(
-        base,
+    settings = AdaptSettings.for_objective(
+        args.objective,
         target_normalization=args.target_normalization,
         **{k: v for k, v in changes.items() if v is not None},
     )

@@ -315,11 +315,7 @@ class AdaptWidget(JobWidget):
             out=self._workdir / f"adapted-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
             steps=self.steps_spin.value(),
             device=self.device_combo.currentText(),
-            settings=(
-                AdaptSettings.wgan_gp()
-                if self.critic_combo.currentData() == "gp"
-                else AdaptSettings()
-            ),
+            settings=AdaptSettings.for_objective(self.critic_combo.currentData()),
         )
         return job, self._volume(predict_layer, "CT")
 

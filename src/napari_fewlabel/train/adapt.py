@@ -174,6 +174,11 @@ class AdaptSettings:
         """
         return cls(**{"objective": "gp", "critic_updates": GP_CRITIC_UPDATES, **changes})
 
+    @classmethod
+    def for_objective(cls, objective: str, **changes: Any) -> AdaptSettings:
+        """The paper's settings for ``"clip"``, :meth:`wgan_gp` for ``"gp"``; ``changes`` override."""
+        return cls.wgan_gp(**changes) if objective == "gp" else cls(objective=objective, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
