@@ -175,7 +175,7 @@ class AdaptSettings:
         return cls(**{"objective": "gp", "critic_updates": GP_CRITIC_UPDATES, **changes})
 
     @classmethod
-    def for_objective(cls, objective: str, **changes: Any) -> AdaptSettings:
+    def for_objective(cls, objective: Literal["clip", "gp"], **changes: Any) -> AdaptSettings:
         """The paper's settings for ``"clip"``, :meth:`wgan_gp` for ``"gp"``; ``changes`` override."""
         return cls.wgan_gp(**changes) if objective == "gp" else cls(objective=objective, **changes)
 
