@@ -45,6 +45,7 @@ from napari_fewlabel.data.phantoms import cardiac_phantom
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume
 from napari_fewlabel.models.registry import SHIPPED_MODEL_DIR
+from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train.events import Done
 from napari_fewlabel.train.finetune import DEFAULT_STEPS
 from napari_fewlabel.train.pretrain import PretrainJob, PretrainSettings, run
@@ -116,6 +117,8 @@ def annotation_efficiency(
             for name, encoder in starts:
                 key = {"part": "annotation_efficiency", "start": name, "k": k, "seed": seed}
                 key["steps"] = steps
+                # Rows from before the default network had 12 full-resolution channels lack it.
+                key["full_res_width"] = UNetConfig().full_res_width
                 if volume != "mni":  # rows without "volume" are MNI rows
                     key["volume"] = volume
                 if any(
@@ -167,6 +170,7 @@ def collapse_and_throughput(steps: int, device: str, seed: int, results: Path, d
     }
     for name, settings in runs.items():
         key = {"part": "pretraining", "run": name, "steps": steps, "device": device}
+        key["full_res_width"] = UNetConfig().full_res_width
         if any(all(r.get(f) == v for f, v in key.items()) for r in done):
             continue
         start = time.perf_counter()
@@ -216,6 +220,9 @@ def main() -> None:
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)
+    # Report the rows of today's default network (older rows stay in --results).
+    width = UNetConfig().full_res_width
+    done = [r for r in done if r.get("full_res_width", 8) == width]
     report = {
         "machine": f"{torch.get_num_threads()} torch threads, device {args.device}",
         "annotation_efficiency": {

@@ -50,7 +50,9 @@ class UNetConfig:
     widths : tuple of int
         Channels per encoder level, from half resolution down.
     full_res_width : int
-        Channels of the full-resolution stem and last decoder layer.
+        Channels of the full-resolution stem and last decoder layer. 12: with
+        8 the network could sit at one structure for 100+ steps before it
+        began to learn a few labelled slices (docs/engine.md).
     norm : {"group", "instance"}
         Normalisation layer; both work with batch size 1.
     """
@@ -58,7 +60,7 @@ class UNetConfig:
     in_slices: int = 1
     num_classes: int = 2
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
-    full_res_width: int = 8
+    full_res_width: int = 12
     norm: Literal["group", "instance"] = "group"
 
     def __post_init__(self) -> None:
