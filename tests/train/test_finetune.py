@@ -297,7 +297,9 @@ def test_default_start_is_the_shipped_encoder_when_it_suits_the_scan(
 ):
     # A CT-only encoder and the MR phantom: random start.
     install_default_encoder("CT")
-    assert _started_from(_events(make_job(steps=1))) == "random initialisation"
+    events = _events(make_job(steps=1))
+    assert _started_from(events) == "random initialisation"
+    assert not _unfit_warnings(events)  # not for this modality: nothing to warn about
     # Pretrained on MR and CT: serves the MR scan, which is still normalised as MR
     # (pretraining normalised each scan by its own modality).
     path = install_default_encoder("unknown")
@@ -309,3 +311,14 @@ def test_default_start_is_the_shipped_encoder_when_it_suits_the_scan(
     other = replace(make_job().architecture, widths=(8, 16))
     events = _events(make_job(steps=1, architecture=other))
     assert _started_from(events) == "random initialisation"
+    # ... and says so, since the user may have expected their encoder to be used.
+    (warning,) = _unfit_warnings(events)
+    assert path.name in warning.message and "fewlabel pretrain" in warning.message
+
+
+def _unfit_warnings(events):
+    return [
+        e
+        for e in events
+        if isinstance(e, Notice) and e.level == "warning" and "another network" in e.message
+    ]

@@ -370,6 +370,16 @@ def _prepare(job: FinetuneJob) -> _Prepared:
     labels = _check_labels(job)
     start_card = None
     start = starting_model(job)
+    unfit = default_encoder(job.image.modality) if job.model is None and start is None else None
+    if unfit is not None:
+        notices.append(
+            Notice(
+                f"The default encoder {unfit} was pretrained for another network than this "
+                "job's, so training starts from a random initialisation. Pretrain it again "
+                "with this version (`fewlabel pretrain`), or name a start with --model.",
+                "warning",
+            )
+        )
     source = job.resume_from if job.resume_from is not None else start
     if source is not None:
         start_card = read_card(resolve_model(source))
