@@ -48,9 +48,10 @@ def predict_volume(
     axis : int, optional
         Slice axis; default: the axis the model was trained along (its card).
     batch_size : int, optional
-        Slices per forward pass; default 16 on a GPU and 4 on the CPU, where
-        the network's activations (about 30 MB per 256x256 slice) share the
-        host memory with the scan. Halved automatically when a GPU runs out
+        Slices per forward pass; default 16 on a GPU and 2 on the CPU, where
+        the network's activations (about 40 MB per 256x256 slice) share the
+        host memory with the scan (4 were no faster and took 0.25x the
+        volume more memory on a 512x512x600 CT; docs/benchmarks.md). Halved automatically when a GPU runs out
         of memory.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then CPU.
@@ -100,7 +101,7 @@ def predict_volume(
     half = model.network.config.in_slices // 2
     dev = resolve_device(device)
     if batch_size is None:
-        batch_size = 4 if dev.type == "cpu" else 16
+        batch_size = 2 if dev.type == "cpu" else 16
     precision = precision_for(dev)
     network = model.network.to(dev).eval()
 
