@@ -77,6 +77,10 @@ def _append(path: Path, row: dict[str, Any]) -> None:
     print(json.dumps(row), file=sys.stderr, flush=True)
 
 
+#: Full-resolution channels of the default network, part of every row's key: rows
+#: without it are from the 8-channel network of before 2026-11-22.
+NET_WIDTH = UNetConfig().full_res_width
+
 #: What the annotation-efficiency part can run on: a description for the report.
 VOLUMES = {
     "mni": "MNI152 2009c T1 at 2 mm; GM/WM; Dice on all unlabelled axial slices",
@@ -117,8 +121,7 @@ def annotation_efficiency(
             for name, encoder in starts:
                 key = {"part": "annotation_efficiency", "start": name, "k": k, "seed": seed}
                 key["steps"] = steps
-                # Rows from before the default network had 12 full-resolution channels lack it.
-                key["full_res_width"] = UNetConfig().full_res_width
+                key["full_res_width"] = NET_WIDTH
                 if volume != "mni":  # rows without "volume" are MNI rows
                     key["volume"] = volume
                 if any(
@@ -170,7 +173,7 @@ def collapse_and_throughput(steps: int, device: str, seed: int, results: Path, d
     }
     for name, settings in runs.items():
         key = {"part": "pretraining", "run": name, "steps": steps, "device": device}
-        key["full_res_width"] = UNetConfig().full_res_width
+        key["full_res_width"] = NET_WIDTH
         if any(all(r.get(f) == v for f, v in key.items()) for r in done):
             continue
         start = time.perf_counter()
@@ -221,8 +224,7 @@ def main() -> None:
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)
     # Report the rows of today's default network (older rows stay in --results).
-    width = UNetConfig().full_res_width
-    done = [r for r in done if r.get("full_res_width", 8) == width]
+    done = [r for r in done if r.get("full_res_width", 8) == NET_WIDTH]
     report = {
         "machine": f"{torch.get_num_threads()} torch threads, device {args.device}",
         "annotation_efficiency": {

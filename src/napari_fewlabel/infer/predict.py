@@ -51,8 +51,8 @@ def predict_volume(
         Slices per forward pass; default 16 on a GPU and 2 on the CPU, where
         the network's activations (about 40 MB per 256x256 slice) share the
         host memory with the scan (4 were no faster and took 0.25x the
-        volume more memory on a 512x512x600 CT; docs/benchmarks.md). Halved automatically when a GPU runs out
-        of memory.
+        volume more memory on a 512x512x600 CT; docs/benchmarks.md). Halved
+        automatically when a GPU runs out of memory.
     device : str or torch.device
         ``"auto"`` picks CUDA, then MPS, then CPU.
     test_time_flips : bool, optional
