@@ -79,7 +79,7 @@ def test_default_network_fits_a_few_labelled_slices_quickly():
     With 8 full-resolution channels it sat at one structure of five for 100+
     steps here (seed 0, soft Dice 0.40 at step 160), and a 300-step fine-tuning
     from these slices ended at Dice 0.45 on the rest of the volume; with 12 it
-    fits them (docs/engine.md, "The network").
+    fits them (docs/engine.md, "How a step works", Network).
     """
     from napari_fewlabel.data.normalization import NormalizationConfig, fit_intensity
     from napari_fewlabel.data.phantoms import cardiac_phantom
