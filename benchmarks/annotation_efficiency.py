@@ -236,7 +236,11 @@ def monai_unet(num_classes: int, in_channels: int = 1) -> torch.nn.Module:
 
 
 def train_monai(
-    image: Volume, partial: np.ndarray, steps: int, seed: int
+    image: Volume,
+    partial: np.ndarray,
+    steps: int,
+    seed: int,
+    class_names: tuple[str, ...] = CLASS_NAMES,
 ) -> tuple[SegmentationModel, dict[str, Any]]:
     """A plain MONAI UNet on the labelled slices: Dice + CE, weak augmentation, AdamW."""
     torch.manual_seed(seed)
@@ -244,12 +248,12 @@ def train_monai(
     rng = np.random.default_rng(seed)
     defaults = FinetuneSettings()
     batch = defaults.batch_labelled + defaults.batch_unlabelled  # same slices per step as ours
-    normalization = NormalizationConfig.for_modality("MR")
+    normalization = NormalizationConfig.for_modality(image.modality)
     input_size = choose_input_size(image.shape[1:], max_side=256, multiple=16)
     stack = SliceStack(image.array, 0, fit_intensity(image.array, normalization), input_size)
     labelled = np.flatnonzero(partial.any(axis=(1, 2)))
     targets = fit_labels(partial.astype(np.int64), 0, labelled, stack.fit)
-    net = monai_unet(len(CLASS_NAMES))
+    net = monai_unet(len(class_names))
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=defaults.learning_rate, weight_decay=defaults.weight_decay
     )
@@ -273,11 +277,11 @@ def train_monai(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    config = UNetConfig(in_slices=1, num_classes=len(CLASS_NAMES))
+    config = UNetConfig(in_slices=1, num_classes=len(class_names))
     card = ModelCard(
         architecture=config.to_dict(),
-        classes=named_classes(CLASS_NAMES),
-        modality="MR",
+        classes=named_classes(class_names),
+        modality=image.modality,
         normalization=normalization,
         input_size=input_size,
         slice_axis=0,

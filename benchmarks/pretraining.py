@@ -12,6 +12,12 @@ lines, so an interrupted run resumes):
    The MNI152 template is not in the encoders' pretraining data.
    ``--volume cardiac-ct`` runs the same table on the synthetic cardiac CT
    phantom (CT, five structures; a second, different target).
+   ``--volume brain-tumour`` runs it on a real lesion: the brain tumour contour
+   of pyradiomics' brain1 MRI, a target no intensity threshold gives. The
+   shipped encoders saw brain1 (unlabelled) in pretraining, so this target takes
+   encoders made by the same recipe without it (``--encoders``; see
+   ``scripts/pretrain_shipped_encoders.sh``, EXCLUDE); the script refuses an
+   encoder whose model card lists the scan it evaluates on.
 2. ``collapse``: the effective rank of the embeddings (train/collapse.py) after
    the same short med-moco run with and without the decorrelation term.
 3. ``throughput``: pretraining slices per second of each method on this
@@ -38,17 +44,22 @@ from annotation_efficiency import (
     dice_on_unlabelled,
     evenly_spread,
     mni_volume,
+    train_monai,
     train_ours,
 )
 
 from napari_fewlabel.data.phantoms import cardiac_phantom
 from napari_fewlabel.infer.predict import predict_volume
-from napari_fewlabel.io import Volume
+from napari_fewlabel.io import Volume, load_volume
+from napari_fewlabel.models.checkpoint import read_card
 from napari_fewlabel.models.registry import SHIPPED_MODEL_DIR
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train.events import Done
 from napari_fewlabel.train.finetune import DEFAULT_STEPS
 from napari_fewlabel.train.pretrain import PretrainJob, PretrainSettings, run
+
+#: Where scripts/fetch_test_data.sh puts the pyradiomics scans.
+PYRADIOMICS = Path.home() / ".cache/napari-fewlabel/test-data/pyradiomics"
 
 
 def public_archive() -> list[Path]:
@@ -56,7 +67,7 @@ def public_archive() -> list[Path]:
     import dipy
     import nibabel
 
-    data = Path.home() / ".cache/napari-fewlabel/test-data/pyradiomics"
+    data = PYRADIOMICS
     scans = [
         Path(nibabel.__file__).parent / "tests/data/anatomical.nii",
         Path(dipy.__file__).parent / "data/files/S0_10slices.nii.gz",
@@ -88,7 +99,18 @@ VOLUMES = {
         "synthetic cardiac CT phantom (data/phantoms.py, seed 1, 32x96x96 at 3x2x2 mm); five "
         "structures; Dice on all unlabelled axial slices"
     ),
+    "brain-tumour": (
+        "pyradiomics brain1 MRI (25x256x256 at 6.5x0.78x0.78 mm) with its tumour contour "
+        "(7 slices); Dice of the tumour on all unlabelled axial slices; encoders pretrained "
+        "without brain1"
+    ),
 }
+
+#: The name of the optional yardstick row (``--monai``).
+MONAI = "MONAI UNet (same size, same slices, same steps)"
+
+#: The scan file of each real target, which an encoder must not have been pretrained on.
+TARGET_SCANS = {"brain-tumour": PYRADIOMICS / "brain1_image.nrrd"}
 
 
 def evaluation_volume(name: str) -> tuple[Volume, np.ndarray, tuple[str, ...]]:
@@ -96,8 +118,26 @@ def evaluation_volume(name: str) -> tuple[Volume, np.ndarray, tuple[str, ...]]:
     if name == "cardiac-ct":
         phantom = cardiac_phantom("CT", 1, (32, 96, 96), (3.0, 2.0, 2.0))
         return phantom.image, phantom.labels.array, tuple(c.name for c in phantom.classes)
+    if name == "brain-tumour":
+        scan = TARGET_SCANS[name]
+        contour = scan.with_name(scan.name.replace("_image", "_label"))
+        if not contour.exists():
+            raise SystemExit(f"missing {contour}: run `bash scripts/fetch_test_data.sh` first")
+        truth = (np.asarray(load_volume(contour).array) > 0).astype(np.uint8)
+        return load_volume(scan), truth, ("background", "tumour")
     image, truth = mni_volume(2)
     return image, truth, CLASS_NAMES
+
+
+def check_not_pretrained_on(encoder: Path, scan: Path) -> None:
+    """Refuse an encoder whose model card lists ``scan`` among its pretraining data."""
+    scans = read_card(encoder).training.get("data", {}).get("scans", [])
+    if any(Path(s["path"]).name == scan.name for s in scans):
+        raise SystemExit(
+            f"{encoder} was pretrained on {scan.name}, the scan this target evaluates on. "
+            f"Make encoders without it: EXCLUDE={scan.name} OUT=DIR bash "
+            "scripts/pretrain_shipped_encoders.sh, then pass them with --encoders."
+        )
 
 
 def annotation_efficiency(
@@ -108,10 +148,16 @@ def annotation_efficiency(
     results: Path,
     done: list,
     volume: str = "mni",
+    monai: bool = False,
 ) -> None:
     image, truth, class_names = evaluation_volume(volume)
+    if volume in TARGET_SCANS:
+        for encoder in encoders:
+            check_not_pretrained_on(encoder, TARGET_SCANS[volume])
     starts: list[tuple[str, str | None]] = [("random init", None)]
     starts += [(p.stem, str(p)) for p in encoders]
+    if monai:  # the yardstick: a plain MONAI UNet of the same size on the same slices
+        starts.append((MONAI, None))
     work = Path(tempfile.mkdtemp(prefix="fewlabel-pretraining-"))
     for seed in seeds:
         for k in ks:
@@ -129,10 +175,13 @@ def annotation_efficiency(
                     for r in done
                 ):
                     continue
-                method = "default" if encoder is None else "pretrained"
-                model, summary = train_ours(
-                    method, image, partial, steps, seed, encoder, work, class_names
-                )
+                if name == MONAI:
+                    model, summary = train_monai(image, partial, steps, seed, class_names)
+                else:
+                    method = "default" if encoder is None else "pretrained"
+                    model, summary = train_ours(
+                        method, image, partial, steps, seed, encoder, work, class_names
+                    )
                 pred = predict_volume(model, image, axis=0, device="cpu")
                 row = {
                     **key,
@@ -141,6 +190,8 @@ def annotation_efficiency(
                     "train_seconds": summary.get("train_seconds"),
                     "started_from": model.card.training.get("started_from"),
                 }
+                if encoder is not None:
+                    row["encoder_steps"] = read_card(encoder).training.get("steps_done")
                 _append(results, row)
                 done.append(row)
 
@@ -211,7 +262,14 @@ def main() -> None:
         "--volume",
         choices=tuple(VOLUMES),
         default="mni",
-        help="annotation-efficiency target: the MNI template (default) or the cardiac CT phantom",
+        help="annotation-efficiency target: the MNI template (default), the cardiac CT phantom "
+        "or a real brain tumour (needs --encoders pretrained without it)",
+    )
+    parser.add_argument(
+        "--monai",
+        action="store_true",
+        help="add the yardstick row: a plain MONAI UNet of the same size trained on the same "
+        "slices for the same steps (benchmarks/annotation_efficiency.py)",
     )
     args = parser.parse_args()
     done: list[dict[str, Any]] = []
@@ -219,7 +277,14 @@ def main() -> None:
         done = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     if "finetune" not in args.skip:
         annotation_efficiency(
-            args.encoders, args.k, args.seeds, args.steps, args.results, done, args.volume
+            args.encoders,
+            args.k,
+            args.seeds,
+            args.steps,
+            args.results,
+            done,
+            args.volume,
+            args.monai,
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)

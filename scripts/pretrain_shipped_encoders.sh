@@ -3,6 +3,13 @@
 #
 #   bash scripts/pretrain_shipped_encoders.sh [SECONDS_PER_METHOD]   (default 900)
 #
+# The same recipe without one scan, for a benchmark that evaluates on it
+# (benchmarks/pretraining.py --volume brain-tumour):
+#
+#   EXCLUDE=brain1_image.nrrd OUT=/tmp/heldout bash scripts/pretrain_shipped_encoders.sh
+#
+# writes /tmp/heldout/{ideal,medmoco}-encoder-without-brain1.safetensors.
+#
 # Data: every real public scan of ../shared/DATA.md that no benchmark or
 # adaptation experiment evaluates on -- brain MRI (nibabel's anatomical.nii,
 # pyradiomics brain1 and brain2, dipy's S0_10slices), breast MRI (pyradiomics
@@ -26,10 +33,25 @@ SCANS=(
   "$DATA/breast1_image.nrrd"
   "$DATA/lung2_image.nrrd"
 )
-OUT=src/napari_fewlabel/models/weights
+OUT="${OUT:-src/napari_fewlabel/models/weights}"
+SUFFIX=""
+if [[ -n "${EXCLUDE:-}" ]]; then
+  KEEP=()
+  for scan in "${SCANS[@]}"; do
+    [[ "$(basename "$scan")" == "$EXCLUDE" ]] || KEEP+=("$scan")
+  done
+  if (( ${#KEEP[@]} == ${#SCANS[@]} )); then
+    echo "EXCLUDE=$EXCLUDE is not one of the archive's scans: ${SCANS[*]##*/}" >&2
+    exit 2
+  fi
+  SCANS=("${KEEP[@]}")
+  SUFFIX="-without-${EXCLUDE%%_image*}"
+  SUFFIX="${SUFFIX%%.*}"
+  mkdir -p "$OUT"
+fi
 for method in ideal medmoco; do
   "$PY" -m napari_fewlabel.cli pretrain "${SCANS[@]}" --method "$method" \
     --time-budget "$BUDGET" --steps 100000 --half --device auto --seed 0 \
-    --out "$OUT/$method-encoder.safetensors"
-  rm -f "$OUT/$method-encoder.state.safetensors"   # resume state: not shipped
+    --out "$OUT/$method-encoder$SUFFIX.safetensors"
+  rm -f "$OUT/$method-encoder$SUFFIX.state.safetensors"   # resume state: not shipped
 done
