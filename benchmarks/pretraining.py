@@ -67,14 +67,13 @@ def public_archive() -> list[Path]:
     import dipy
     import nibabel
 
-    data = PYRADIOMICS
     scans = [
         Path(nibabel.__file__).parent / "tests/data/anatomical.nii",
         Path(dipy.__file__).parent / "data/files/S0_10slices.nii.gz",
-        data / "brain1_image.nrrd",
-        data / "brain2_image.nrrd",
-        data / "breast1_image.nrrd",
-        data / "lung2_image.nrrd",
+        PYRADIOMICS / "brain1_image.nrrd",
+        PYRADIOMICS / "brain2_image.nrrd",
+        PYRADIOMICS / "breast1_image.nrrd",
+        PYRADIOMICS / "lung2_image.nrrd",
     ]
     missing = [str(p) for p in scans if not p.exists()]
     if missing:
