@@ -185,6 +185,7 @@ def train_ours(
     encoder: str | None,
     workdir: Path,
     class_names: tuple[str, ...] = CLASS_NAMES,
+    device: str = "cpu",
 ) -> tuple[SegmentationModel, dict[str, Any]]:
     settings, arch, multiplier = settings_for(method)
     job = FinetuneJob(
@@ -196,7 +197,7 @@ def train_ours(
         model=encoder if method == "pretrained" else RANDOM_INIT,
         axis=0,
         steps=steps * multiplier,
-        device="cpu",
+        device=device,
         seed=seed,
         settings=settings,
         architecture=arch,
@@ -241,8 +242,13 @@ def train_monai(
     steps: int,
     seed: int,
     class_names: tuple[str, ...] = CLASS_NAMES,
+    device: str = "cpu",
 ) -> tuple[SegmentationModel, dict[str, Any]]:
-    """A plain MONAI UNet on the labelled slices: Dice + CE, weak augmentation, AdamW."""
+    """A plain MONAI UNet on the labelled slices: Dice + CE, weak augmentation, AdamW.
+
+    Batches are drawn and augmented on the CPU (the same random stream on every
+    device) and trained in float32 on ``device``.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -253,7 +259,7 @@ def train_monai(
     stack = SliceStack(image.array, 0, fit_intensity(image.array, normalization), input_size)
     labelled = np.flatnonzero(partial.any(axis=(1, 2)))
     targets = fit_labels(partial.astype(np.int64), 0, labelled, stack.fit)
-    net = monai_unet(len(class_names))
+    net = monai_unet(len(class_names)).to(device)
     optimizer = torch.optim.AdamW(
         net.parameters(), lr=defaults.learning_rate, weight_decay=defaults.weight_decay
     )
@@ -273,7 +279,7 @@ def train_monai(
         x = jitter_intensity(
             x, generator, contrast=aug.contrast, brightness=aug.brightness, noise_std=aug.noise_std
         )
-        loss, _ = dice_ce_loss(net(x), y)
+        loss, _ = dice_ce_loss(net(x.to(device)), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -286,7 +292,7 @@ def train_monai(
         input_size=input_size,
         slice_axis=0,
     )
-    model = SegmentationModel(_MonaiWrapper(net.eval(), config), card)  # type: ignore[arg-type]
+    model = SegmentationModel(_MonaiWrapper(net.cpu().eval(), config), card)  # type: ignore[arg-type]
     return model, {"steps_done": steps, "train_seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -148,6 +148,7 @@ def annotation_efficiency(
     done: list,
     volume: str = "mni",
     monai: bool = False,
+    device: str = "cpu",
 ) -> None:
     image, truth, class_names = evaluation_volume(volume)
     if volume in TARGET_SCANS:
@@ -169,19 +170,23 @@ def annotation_efficiency(
                 key["full_res_width"] = NET_WIDTH
                 if volume != "mni":  # rows without "volume" are MNI rows
                     key["volume"] = volume
+                if device != "cpu":  # rows without "device" ran on the CPU
+                    key["device"] = device
                 if any(
-                    all(r.get(f) == v for f, v in key.items()) and r.get("volume", "mni") == volume
+                    all(r.get(f) == v for f, v in key.items())
+                    and r.get("volume", "mni") == volume
+                    and r.get("device", "cpu") == device
                     for r in done
                 ):
                     continue
                 if name == MONAI:
-                    model, summary = train_monai(image, partial, steps, seed, class_names)
+                    model, summary = train_monai(image, partial, steps, seed, class_names, device)
                 else:
                     method = "default" if encoder is None else "pretrained"
                     model, summary = train_ours(
-                        method, image, partial, steps, seed, encoder, work, class_names
+                        method, image, partial, steps, seed, encoder, work, class_names, device
                     )
-                pred = predict_volume(model, image, axis=0, device="cpu")
+                pred = predict_volume(model, image, axis=0, device=device)
                 row = {
                     **key,
                     "labelled_slices": labelled,
@@ -254,7 +259,11 @@ def main() -> None:
         default=sorted(SHIPPED_MODEL_DIR.glob("*-encoder.safetensors")),
     )
     parser.add_argument("--pretrain-steps", type=int, default=100, help="per collapse run")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where fine-tuning, prediction and the pretraining runs train (rows record a GPU)",
+    )
     parser.add_argument("--results", type=Path, default=Path("pretraining.jsonl"))
     parser.add_argument("--skip", nargs="*", default=[], choices=("finetune", "pretrain"))
     parser.add_argument(
@@ -284,6 +293,7 @@ def main() -> None:
             done,
             args.volume,
             args.monai,
+            args.device,
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)

@@ -10,6 +10,14 @@
 #
 # writes /tmp/heldout/{ideal,medmoco}-encoder-without-brain1.safetensors.
 #
+# On a GPU (the shipped encoders' recipe since 2026-11-22; docs/pretraining.md):
+#
+#   DEVICE=cuda WORKERS=3 bash scripts/pretrain_shipped_encoders.sh 540
+#
+# METHODS="ideal" (or "medmoco") makes one encoder only, e.g. to run the two
+# methods side by side on one GPU; DEVICE (default auto) and WORKERS (data-loading
+# processes, default 1) go to `fewlabel pretrain`.
+#
 # Data: every real public scan of ../shared/DATA.md that no benchmark or
 # adaptation experiment evaluates on -- brain MRI (nibabel's anatomical.nii,
 # pyradiomics brain1 and brain2, dipy's S0_10slices), breast MRI (pyradiomics
@@ -34,6 +42,9 @@ SCANS=(
   "$DATA/lung2_image.nrrd"
 )
 OUT="${OUT:-src/napari_fewlabel/models/weights}"
+METHODS="${METHODS:-ideal medmoco}"
+DEVICE="${DEVICE:-auto}"
+WORKERS="${WORKERS:-1}"
 SUFFIX=""
 if [[ -n "${EXCLUDE:-}" ]]; then
   KEEP=()
@@ -49,9 +60,9 @@ if [[ -n "${EXCLUDE:-}" ]]; then
   SUFFIX="${SUFFIX%%.*}"
   mkdir -p "$OUT"
 fi
-for method in ideal medmoco; do
+for method in $METHODS; do
   "$PY" -m napari_fewlabel.cli pretrain "${SCANS[@]}" --method "$method" \
-    --time-budget "$BUDGET" --steps 100000 --half --device auto --seed 0 \
+    --time-budget "$BUDGET" --steps 100000 --half --device "$DEVICE" --workers "$WORKERS" --seed 0 \
     --out "$OUT/$method-encoder$SUFFIX.safetensors"
   rm -f "$OUT/$method-encoder$SUFFIX.state.safetensors"   # resume state: not shipped
 done

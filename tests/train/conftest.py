@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -58,3 +59,23 @@ def make_job(tiny_case: TinyCase, tmp_path: Path) -> Callable[..., FinetuneJob]:
         return replace(job, **changes)
 
     return make
+
+
+def _head(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    inside = zz**2 + yy**2 + xx**2 < 0.8
+    texture = 100 * np.sin(8 * xx + 5 * yy) + 50 * rng.standard_normal(shape)
+    return (inside * (500 + texture)).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> tuple[Path, ...]:
+    """Two small head-like NIfTI scans to pretrain on (tests of pretraining)."""
+    folder = tmp_path_factory.mktemp("scans")
+    paths = []
+    for i, shape in enumerate([(24, 24, 20), (20, 28, 24)]):
+        path = folder / f"head{i}.nii.gz"
+        nib.save(nib.Nifti1Image(_head(shape, i), np.diag([1.5, 1.5, 2.0, 1.0])), path)
+        paths.append(path)
+    return tuple(paths)

@@ -7,8 +7,6 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 
@@ -43,25 +41,6 @@ def _tiny_settings(method: str) -> PretrainSettings:
         rank_every=2,
         rank_window=16,
     )
-
-
-def _head(shape: tuple[int, int, int], seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
-    inside = zz**2 + yy**2 + xx**2 < 0.8
-    texture = 100 * np.sin(8 * xx + 5 * yy) + 50 * rng.standard_normal(shape)
-    return (inside * (500 + texture)).astype(np.int16)
-
-
-@pytest.fixture(scope="module")
-def scans(tmp_path_factory) -> tuple[Path, ...]:
-    folder = tmp_path_factory.mktemp("scans")
-    paths = []
-    for i, shape in enumerate([(24, 24, 20), (20, 28, 24)]):
-        path = folder / f"head{i}.nii.gz"
-        nib.save(nib.Nifti1Image(_head(shape, i), np.diag([1.5, 1.5, 2.0, 1.0])), path)
-        paths.append(path)
-    return tuple(paths)
 
 
 def _job(scans, tmp_path, method="ideal", **changes) -> PretrainJob:
@@ -241,6 +220,7 @@ def test_two_processes_under_torchrun(scans, tmp_path):
     load_encoder_weights(network, out)
     card = read_card(out)
     assert card.training["processes"] == 2 and card.training["global_batch"] == 2 * batch
+    assert card.training["backend"] == "gloo"
     state = read_model_tensors(state_path(out))
     # Every step added the keys of both ranks' batches to the (shared) queue.
     assert int(state["queue.keys_seen"]) == steps * batch * 2

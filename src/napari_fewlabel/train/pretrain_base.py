@@ -165,6 +165,8 @@ def run_record(
         "steps_planned": steps_planned,
         "global_batch": global_batch,
         "processes": ranks.world_size,
+        # torchrun's process-group backend (nccl on GPUs, gloo on CPUs); None for one process.
+        "backend": dist.get_backend() if dist.is_initialized() else None,
         "seed": seed,
         "device": device_text,
         "precision": precision_name,
