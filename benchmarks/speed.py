@@ -1,4 +1,4 @@
-"""Speed and memory of the engine on the CPU, against a MONAI UNet of the same size.
+"""Speed and memory of the engine on the CPU (or a GPU), against a MONAI UNet of the same size.
 
 Prints one JSON document:
 
@@ -16,6 +16,11 @@ Prints one JSON document:
   256x256x200 MRI (skip with ``--skip-finetune``).
 
     python benchmarks/speed.py > speed.json
+    python benchmarks/speed.py --device cuda > speed_gpu.json    # on a GPU machine
+
+On a GPU both networks run under the product's mixed precision
+(``train/device.py``: bfloat16 autocast where supported), timed with the
+device synchronised, and ``memory`` (host memory of CPU prediction) is left out.
 
 lung1 comes from the pyradiomics 3.0.1 source archive (see DATA.md); pass
 its path with ``--lung1`` (default: where ``scripts/fetch_test_data.sh`` puts it).
@@ -51,6 +56,7 @@ from napari_fewlabel.losses.cross_pseudo_supervision import cross_pseudo_supervi
 from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import ModelCard, SegmentationModel
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
+from napari_fewlabel.train.device import autocast, describe_device, precision_for, resolve_device
 
 SIZE = 256
 CLASSES = 4
@@ -66,20 +72,31 @@ def _params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def training_speed(repeats: int) -> dict[str, Any]:
+def _timed(fn: Any, device: torch.device) -> float:
+    """Seconds of one call of ``fn`` under the device's precision, the device synchronised."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with autocast(device, precision_for(device)):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def training_speed(repeats: int, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    cpu = torch.device("cpu")
     aug = AugmentConfig()
-    ours = TwoStreamUNet(UNetConfig(3, CLASSES))
-    monai = _monai_unet()
+    ours = TwoStreamUNet(UNetConfig(3, CLASSES)).to(device)
+    monai = _monai_unet().to(device)
     opt_ours = torch.optim.AdamW(ours.parameters(), 1e-3)
     opt_monai = torch.optim.AdamW(monai.parameters(), 1e-3)
-    x = torch.randn(8, 3, SIZE, SIZE)
-    y = torch.randint(0, CLASSES, (8, SIZE, SIZE))
+    x = torch.randn(8, 3, SIZE, SIZE, device=device)
+    y = torch.randint(0, CLASSES, (8, SIZE, SIZE), device=device)
 
     def ours_supervised() -> None:
-        xa, ya = warp(x, y, random_geometry(8, aug, generator, cpu))
+        xa, ya = warp(x, y, random_geometry(8, aug, generator, device))
         a, b = ours(xa)
         loss = dice_ce_loss(a, ya)[0] + dice_ce_loss(b, ya)[0]
         opt_ours.zero_grad()
@@ -88,7 +105,7 @@ def training_speed(repeats: int) -> dict[str, Any]:
 
     def ours_default() -> None:
         # The default fine-tuning step: 4 labelled + 4 unlabelled slices, teacher pass on the weak view.
-        xa, ya = warp(x, y, random_geometry(8, aug, generator, cpu))
+        xa, ya = warp(x, y, random_geometry(8, aug, generator, device))
         weak = jitter_intensity(xa[4:], generator, contrast=0.15, brightness=0.1, noise_std=0.05)
         with torch.no_grad():
             ta, tb = ours(weak)
@@ -105,7 +122,7 @@ def training_speed(repeats: int) -> dict[str, Any]:
         opt_ours.step()
 
     def monai_step() -> None:
-        xa, ya = warp(x, y, random_geometry(8, aug, generator, cpu))
+        xa, ya = warp(x, y, random_geometry(8, aug, generator, device))
         loss = dice_ce_loss(monai(xa), ya)[0]
         opt_monai.zero_grad()
         loss.backward()
@@ -114,12 +131,10 @@ def training_speed(repeats: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {"ours_supervised": [], "ours_default": [], "monai": []}
     steps = {"ours_supervised": ours_supervised, "ours_default": ours_default, "monai": monai_step}
     for fn in steps.values():  # warm-up
-        fn()
+        _timed(fn, device)
     for _ in range(repeats):  # interleaved so machine load hits all alike
         for name, fn in steps.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_timed(fn, device))
     rate = {k: 1 / statistics.median(v) for k, v in times.items()}
     return {
         "input": f"8 x 3 x {SIZE} x {SIZE}",
@@ -132,20 +147,18 @@ def training_speed(repeats: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def inference_speed(repeats: int) -> dict[str, Any]:
+def inference_speed(repeats: int, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
-    ours = TwoStreamUNet(UNetConfig(3, CLASSES)).eval()
-    monai = _monai_unet().eval()
-    x = torch.randn(16, 3, SIZE, SIZE)
+    ours = TwoStreamUNet(UNetConfig(3, CLASSES)).eval().to(device)
+    monai = _monai_unet().eval().to(device)
+    x = torch.randn(16, 3, SIZE, SIZE, device=device)
     fns = {"ours": lambda: ours.predict_proba(x), "monai": lambda: monai(x).softmax(1)}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
-        fn()
+        _timed(fn, device)
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(_timed(fn, device))
     rate = {k: 16 / statistics.median(v) for k, v in times.items()}
 
     from napari_fewlabel.infer.predict import predict_volume
@@ -157,7 +170,7 @@ def inference_speed(repeats: int) -> dict[str, Any]:
         rng.gamma(2, 100, size=(200, SIZE, SIZE)).astype(np.float32), modality="MR"
     )
     t0 = time.perf_counter()
-    predict_volume(model, volume, device="cpu")
+    predict_volume(model, volume, device=device)
     whole = time.perf_counter() - t0
     return {
         "input": f"16 x 3 x {SIZE} x {SIZE}",
@@ -268,7 +281,7 @@ def memory(lung1: Path) -> dict[str, Any]:
     return out
 
 
-def default_finetune() -> dict[str, Any]:
+def default_finetune(device: torch.device) -> dict[str, Any]:
     from napari_fewlabel.data.phantoms import cardiac_phantom
     from napari_fewlabel.train.events import Done
     from napari_fewlabel.train.finetune import FinetuneJob, run
@@ -283,7 +296,7 @@ def default_finetune() -> dict[str, Any]:
             painted,
             Path(tmp) / "m.safetensors",
             classes=phantom.classes,
-            device="cpu",
+            device=str(device),
         )
         t0 = time.perf_counter()
         done = [e for e in run(job) if isinstance(e, Done)][-1]
@@ -305,21 +318,26 @@ def main() -> None:
         default=Path.home() / ".cache/napari-fewlabel/test-data/pyradiomics/lung1_image.nrrd",
     )
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
         return
+    device = resolve_device(args.device)
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
+        "device": describe_device(device),
+        "precision": precision_for(device).name,
         "date": time.strftime("%Y-%m-%d"),
-        "training": training_speed(args.repeats),
-        "inference": inference_speed(args.repeats),
-        "memory": memory(args.lung1),
+        "training": training_speed(args.repeats, device),
+        "inference": inference_speed(args.repeats, device),
     }
+    if device.type == "cpu":
+        report["memory"] = memory(args.lung1)
     if not args.skip_finetune:
-        report["default_finetune"] = default_finetune()
+        report["default_finetune"] = default_finetune(device)
     print(json.dumps(report, indent=1))
 
 

@@ -27,8 +27,9 @@ from napari_fewlabel.models.checkpoint import STATE_SUFFIX, is_encoder_only, rea
 #: Starter weights that ship inside the package.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "weights"
 MODEL_SUFFIX = ".safetensors"
-#: The shipped encoder that did best in benchmarks/pretraining.py (docs/benchmarks.md).
-DEFAULT_ENCODER = "medmoco-encoder"
+#: The shipped encoder fine-tuning starts from: IDEAL's, which beat a random start and
+#: med-moco's on the real tumour target of benchmarks/pretraining.py (docs/benchmarks.md).
+DEFAULT_ENCODER = "ideal-encoder"
 
 
 def user_model_dir() -> Path:
