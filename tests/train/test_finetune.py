@@ -322,3 +322,44 @@ def _unfit_warnings(events):
         for e in events
         if isinstance(e, Notice) and e.level == "warning" and "another network" in e.message
     ]
+
+
+def test_a_pretrained_encoder_can_train_at_a_lower_rate_than_the_decoders():
+    from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
+    from napari_fewlabel.train.finetune import _parameter_groups
+
+    network = TwoStreamUNet(UNetConfig(in_slices=1, widths=(8, 16), full_res_width=4))
+    settings = FinetuneSettings(encoder_lr_scale=0.1)
+    encoder, rest = _parameter_groups(network, settings, pretrained=True)
+    assert encoder["lr_scale"] == 0.1 and rest["lr_scale"] == 1.0
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in network.encoder.parameters()}
+    assert len(encoder["params"]) + len(rest["params"]) == len(list(network.parameters()))
+    # A random start has nothing to keep: one group at the full rate.
+    (only,) = _parameter_groups(network, settings, pretrained=False)
+    assert only["lr_scale"] == 1.0 and len(only["params"]) == len(list(network.parameters()))
+    with pytest.raises(FewLabelError, match="encoder_lr_scale"):
+        FinetuneSettings(encoder_lr_scale=0.0)
+
+
+def test_the_encoder_rate_scale_reaches_the_optimizer(make_job, tmp_path, monkeypatch):
+    """A run from a trained start steps the encoder at the scaled learning rate."""
+    seen: list[list[float]] = []
+    first = list(run(make_job(steps=2)))[-1]  # a trained model to start from
+    job = make_job(
+        steps=2,
+        model=str(first.checkpoint),
+        out=tmp_path / "second.safetensors",
+        settings=replace(make_job().settings, encoder_lr_scale=0.25),
+    )
+    real_adamw = torch.optim.AdamW
+
+    class Recording(real_adamw):  # type: ignore[misc,valid-type]
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    done = list(run(job))[-1]
+    assert isinstance(done, Done)
+    assert seen and all(len(lrs) == 2 for lrs in seen)
+    assert all(abs(enc - 0.25 * dec) < 1e-12 for enc, dec in seen)

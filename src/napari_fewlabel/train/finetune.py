@@ -123,6 +123,11 @@ class FinetuneSettings:
     test_time_flips : bool
         Default for prediction: average over flipped copies (only useful
         when trained with flips).
+    encoder_lr_scale : float
+        The encoder's learning rate relative to the decoders' when training
+        starts from trained weights (a pretrained encoder or a model); 1
+        trains all at one rate. Below 1 keeps more of what pretraining
+        learned.
     """
 
     batch_labelled: int = 4
@@ -140,6 +145,7 @@ class FinetuneSettings:
     validation_rejoin_at: float | None = 0.8
     validate_every: int = 25
     test_time_flips: bool = False
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_labelled < 1 or self.batch_unlabelled < 1:
@@ -150,6 +156,8 @@ class FinetuneSettings:
             )
         if not 0 <= self.confidence_threshold < 1:
             raise FewLabelError("confidence_threshold must be in [0, 1).")
+        if not 0 < self.encoder_lr_scale <= 1:
+            raise FewLabelError("encoder_lr_scale must be in (0, 1].")
 
     @classmethod
     def paper(cls) -> FinetuneSettings:
@@ -598,6 +606,19 @@ def step_with_oom_fallback(
 
 
 # --------------------------------------------------------------------- run
+def _parameter_groups(
+    network: TwoStreamUNet, settings: FinetuneSettings, pretrained: bool
+) -> list[dict[str, Any]]:
+    """One optimizer group, or the encoder apart at ``encoder_lr_scale`` for a trained start."""
+    scale = settings.encoder_lr_scale if pretrained else 1.0
+    if scale == 1.0:
+        return [{"params": list(network.parameters()), "lr_scale": 1.0}]
+    encoder = list(network.encoder.parameters())
+    ids = {id(p) for p in encoder}
+    rest = [p for p in network.parameters() if id(p) not in ids]
+    return [{"params": encoder, "lr_scale": scale}, {"params": rest, "lr_scale": 1.0}]
+
+
 def _lr_factor(progress: float, step: int) -> float:
     """Learning-rate multiplier: linear warm-up over 10 steps, constant, cosine to 0.1 over the last 25 %.
 
@@ -681,7 +702,9 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     network.to(device).train()
 
     optimizer = torch.optim.AdamW(
-        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+        _parameter_groups(network, settings, started_from != "random initialisation"),
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
     )
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -786,7 +809,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     def train_step(b: BatchSizes, step: int) -> dict[str, float]:
         p = progress_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(p, step)
+            group["lr"] = settings.learning_rate * _lr_factor(p, step) * group["lr_scale"]
         cps_w = 0.0
         if use_cps and p >= settings.supervised_warmup:
             cps_w = settings.cps_weight * sigmoid_rampup(
