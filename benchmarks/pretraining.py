@@ -22,6 +22,10 @@ lines, so an interrupted run resumes):
    the same short med-moco run with and without the decorrelation term.
 3. ``throughput``: pretraining slices per second of each method on this
    machine's device (``--device``).
+
+``--device cuda`` runs every part on a GPU; its rows record the device. A GPU
+run does not reproduce a seed exactly (bfloat16, non-deterministic kernels),
+so compare GPU rows as independent runs, not paired by seed.
 """
 
 from __future__ import annotations
