@@ -10,9 +10,10 @@
 #
 # writes /tmp/heldout/{ideal,medmoco}-encoder-without-brain1.safetensors.
 #
-# On a GPU (the shipped encoders' recipe since 2026-11-22; docs/pretraining.md):
+# On a GPU (how the H100 encoders of docs/benchmarks.md were made; they did no
+# better than the CPU-made ones that ship, see docs/pretraining.md):
 #
-#   DEVICE=cuda WORKERS=3 bash scripts/pretrain_shipped_encoders.sh 540
+#   DEVICE=cuda WORKERS=3 bash scripts/pretrain_shipped_encoders.sh 400
 #
 # METHODS="ideal" (or "medmoco") makes one encoder only, e.g. to run the two
 # methods side by side on one GPU; DEVICE (default auto) and WORKERS (data-loading

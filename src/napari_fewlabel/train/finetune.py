@@ -606,6 +606,10 @@ def step_with_oom_fallback(
 
 
 # --------------------------------------------------------------------- run
+#: ``started_from`` of a run without trained weights (model cards record it).
+RANDOM_START = "random initialisation"
+
+
 def _parameter_groups(
     network: TwoStreamUNet, settings: FinetuneSettings, pretrained: bool
 ) -> list[dict[str, Any]]:
@@ -674,7 +678,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
 
     network = TwoStreamUNet(data.architecture)
     step0 = 0
-    started_from = "random initialisation"
+    started_from = RANDOM_START
     optimizer_state = None
     if job.resume_from is not None:
         resumed = load_checkpoint(resolve_model(job.resume_from))
@@ -702,7 +706,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     network.to(device).train()
 
     optimizer = torch.optim.AdamW(
-        _parameter_groups(network, settings, started_from != "random initialisation"),
+        _parameter_groups(network, settings, started_from != RANDOM_START),
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
     )
