@@ -132,6 +132,16 @@ def evaluation_volume(name: str) -> tuple[Volume, np.ndarray, tuple[str, ...]]:
     return image, truth, CLASS_NAMES
 
 
+def foreground_on_empty_slices(pred: np.ndarray, truth: np.ndarray, labelled: list[int]) -> int:
+    """Voxels predicted as any structure on the unlabelled slices whose truth has none.
+
+    On the tumour target these false positives away from the lesion are what
+    separates the starts (docs/benchmarks.md).
+    """
+    empty = [z for z in range(truth.shape[0]) if z not in labelled and not truth[z].any()]
+    return int((pred[empty] > 0).sum())
+
+
 def check_not_pretrained_on(encoder: Path, scan: Path) -> None:
     """Refuse an encoder whose model card lists ``scan`` among its pretraining data."""
     scans = read_card(encoder).training.get("data", {}).get("scans", [])
@@ -195,6 +205,9 @@ def annotation_efficiency(
                     **key,
                     "labelled_slices": labelled,
                     "dice": dice_on_unlabelled(pred, truth, labelled, class_names),
+                    "foreground_voxels_on_empty_slices": foreground_on_empty_slices(
+                        pred, truth, labelled
+                    ),
                     "train_seconds": summary.get("train_seconds"),
                     "started_from": model.card.training.get("started_from"),
                 }
