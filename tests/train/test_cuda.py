@@ -24,7 +24,6 @@ from napari_fewlabel.models.checkpoint import (
     load_checkpoint,
     load_encoder_weights,
     read_card,
-    read_model_tensors,
 )
 from napari_fewlabel.models.unet2d import TwoStreamUNet
 from napari_fewlabel.train.events import Done, Progress
@@ -47,9 +46,7 @@ def test_finetuning_on_the_gpu_trains_in_mixed_precision_and_predicts_like_the_c
     training = read_card(done.checkpoint).training
     assert training["precision"] in ("bfloat16", "float16")
 
-    # The checkpoint holds CPU tensors: it loads and predicts on a machine without a GPU.
-    tensors = read_model_tensors(done.checkpoint)
-    assert all(t.device.type == "cpu" for t in tensors.values())
+    # A model trained on the GPU predicts on the CPU (a machine without one).
     model = load_checkpoint(done.checkpoint)
     image = make_job().image
     on_gpu = predict_volume(model, image, device="cuda")
