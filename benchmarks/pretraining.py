@@ -18,6 +18,9 @@ lines, so an interrupted run resumes):
    encoders made by the same recipe without it (``--encoders``; see
    ``scripts/pretrain_shipped_encoders.sh``, EXCLUDE); the script refuses an
    encoder whose model card lists the scan it evaluates on.
+   ``--volume lung-tumour`` is a second real lesion, in CT: the lung tumour
+   contour of pyradiomics' lung2 (11 of 61 slices), with encoders made without
+   lung2 (EXCLUDE=lung2_image.nrrd).
 2. ``collapse``: the effective rank of the embeddings (train/collapse.py) after
    the same short med-moco run with and without the decorrelation term.
 3. ``throughput``: pretraining slices per second of each method on this
@@ -107,13 +110,21 @@ VOLUMES = {
         "(7 slices); Dice of the tumour on all unlabelled axial slices; encoders pretrained "
         "without brain1"
     ),
+    "lung-tumour": (
+        "pyradiomics lung2 chest CT (61x512x512 at 5x0.63x0.63 mm) with its tumour contour "
+        "(11 slices); Dice of the tumour on all unlabelled axial slices; encoders pretrained "
+        "without lung2"
+    ),
 }
 
 #: The name of the optional yardstick row (``--monai``).
 MONAI = "MONAI UNet (same size, same slices, same steps)"
 
 #: The scan file of each real target, which an encoder must not have been pretrained on.
-TARGET_SCANS = {"brain-tumour": PYRADIOMICS / "brain1_image.nrrd"}
+TARGET_SCANS = {
+    "brain-tumour": PYRADIOMICS / "brain1_image.nrrd",
+    "lung-tumour": PYRADIOMICS / "lung2_image.nrrd",
+}
 
 
 def evaluation_volume(name: str) -> tuple[Volume, np.ndarray, tuple[str, ...]]:
@@ -121,7 +132,7 @@ def evaluation_volume(name: str) -> tuple[Volume, np.ndarray, tuple[str, ...]]:
     if name == "cardiac-ct":
         phantom = cardiac_phantom("CT", 1, (32, 96, 96), (3.0, 2.0, 2.0))
         return phantom.image, phantom.labels.array, tuple(c.name for c in phantom.classes)
-    if name == "brain-tumour":
+    if name in TARGET_SCANS:
         scan = TARGET_SCANS[name]
         contour = scan.with_name(scan.name.replace("_image", "_label"))
         if not contour.exists():
@@ -288,7 +299,7 @@ def main() -> None:
         choices=tuple(VOLUMES),
         default="mni",
         help="annotation-efficiency target: the MNI template (default), the cardiac CT phantom "
-        "or a real brain tumour (needs --encoders pretrained without it)",
+        "or a real brain (MRI) or lung (CT) tumour (needs --encoders pretrained without it)",
     )
     parser.add_argument(
         "--monai",

@@ -4,7 +4,8 @@
 #   bash scripts/pretrain_shipped_encoders.sh [SECONDS_PER_METHOD]   (default 900)
 #
 # The same recipe without one scan, for a benchmark that evaluates on it
-# (benchmarks/pretraining.py --volume brain-tumour):
+# (benchmarks/pretraining.py --volume brain-tumour, or lung-tumour with
+# EXCLUDE=lung2_image.nrrd):
 #
 #   EXCLUDE=brain1_image.nrrd OUT=/tmp/heldout bash scripts/pretrain_shipped_encoders.sh
 #
@@ -20,8 +21,9 @@
 # processes, default 1) go to `fewlabel pretrain`.
 #
 # Data: every real public scan of ../shared/DATA.md that no benchmark or
-# adaptation experiment evaluates on -- brain MRI (nibabel's anatomical.nii,
-# pyradiomics brain1 and brain2, dipy's S0_10slices), breast MRI (pyradiomics
+# adaptation experiment evaluates on with the shipped encoders (the two tumour
+# targets, brain1 and lung2, take held-out encoders as above) -- brain MRI
+# (nibabel's anatomical.nii, pyradiomics brain1 and brain2, dipy's S0_10slices), breast MRI (pyradiomics
 # breast1) and chest CT (pyradiomics lung2). Left out on purpose: the MNI152
 # template (annotation-efficiency benchmark), the ITK head T1 and the InVesalius
 # head CT (adaptation benchmark), pyradiomics lung1 (emphysema tests).
