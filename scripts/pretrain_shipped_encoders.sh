@@ -68,7 +68,6 @@ if [[ -n "${EXCLUDE:-}" ]]; then
   SCANS=("${KEEP[@]}")
   SUFFIX="-without-${EXCLUDE%%_image*}"
   SUFFIX="${SUFFIX%%.*}"
-  mkdir -p "$OUT"
 fi
 for scan in ${EXTRA:-}; do
   if [[ ! -e "$scan" ]]; then
@@ -79,8 +78,8 @@ for scan in ${EXTRA:-}; do
   name="$(basename "$scan")"
   name="${name%%_image*}"
   SUFFIX="$SUFFIX-with-${name%%.*}"
-  mkdir -p "$OUT"
 done
+mkdir -p "$OUT"
 for method in $METHODS; do
   "$PY" -m napari_fewlabel.cli pretrain "${SCANS[@]}" --method "$method" \
     --time-budget "$BUDGET" --steps 100000 --half --device "$DEVICE" --workers "$WORKERS" --seed 0 \
