@@ -186,8 +186,12 @@ def train_ours(
     workdir: Path,
     class_names: tuple[str, ...] = CLASS_NAMES,
     device: str = "cpu",
+    empty_slices: tuple[int, ...] = (),
+    **setting_changes: Any,
 ) -> tuple[SegmentationModel, dict[str, Any]]:
+    """Fine-tune ``method`` (settings_for) on ``partial`` (+ slices marked empty); ``setting_changes`` override its settings."""
     settings, arch, multiplier = settings_for(method)
+    settings = replace(settings, **setting_changes)
     job = FinetuneJob(
         image=image,
         labels=partial,
@@ -196,6 +200,7 @@ def train_ours(
         # "pretrained": --encoder, else the shipped default; every other row: random init.
         model=encoder if method == "pretrained" else RANDOM_INIT,
         axis=0,
+        empty_slices=empty_slices,
         steps=steps * multiplier,
         device=device,
         seed=seed,

@@ -153,6 +153,17 @@ def foreground_on_empty_slices(pred: np.ndarray, truth: np.ndarray, labelled: li
     return int((pred[empty] > 0).sum())
 
 
+def empty_either_side(truth: np.ndarray) -> list[int]:
+    """One structure-free slice on each side of the structure, halfway to the end of the scan.
+
+    What a user marks empty after scrolling through (FinetuneJob.empty_slices),
+    chosen without looking at any prediction.
+    """
+    z = np.flatnonzero(truth.any(axis=(1, 2)))
+    lo, hi, last = int(z[0]), int(z[-1]), truth.shape[0] - 1
+    return ([lo // 2] if lo > 0 else []) + ([(hi + 1 + last) // 2] if hi < last else [])
+
+
 def check_not_pretrained_on(encoder: Path, scan: Path) -> None:
     """Refuse an encoder whose model card lists ``scan`` among its pretraining data."""
     scans = read_card(encoder).training.get("data", {}).get("scans", [])
@@ -174,6 +185,8 @@ def annotation_efficiency(
     volume: str = "mni",
     monai: bool = False,
     device: str = "cpu",
+    encoder_frozen_for: float = 0.0,
+    mark_empty: bool = False,
 ) -> None:
     image, truth, class_names = evaluation_volume(volume)
     if volume in TARGET_SCANS:
@@ -189,6 +202,7 @@ def annotation_efficiency(
             labelled = evenly_spread(truth, k)
             partial = np.zeros_like(truth)
             partial[labelled] = truth[labelled]
+            empty = empty_either_side(truth) if mark_empty else []
             for name, encoder in starts:
                 key = {"part": "annotation_efficiency", "start": name, "k": k, "seed": seed}
                 key["steps"] = steps
@@ -197,30 +211,43 @@ def annotation_efficiency(
                     key["volume"] = volume
                 if device != "cpu":  # rows without "device" ran on the CPU
                     key["device"] = device
+                if empty:  # rows without it had only the k painted slices
+                    key["empty_slices"] = empty
+                if encoder is not None and encoder_frozen_for:  # a random start has none to freeze
+                    key["encoder_frozen_for"] = encoder_frozen_for
                 if any(
                     all(r.get(f) == v for f, v in key.items())
                     and r.get("volume", "mni") == volume
                     and r.get("device", "cpu") == device
+                    and r.get("encoder_frozen_for", 0.0) == key.get("encoder_frozen_for", 0.0)
+                    and r.get("empty_slices", []) == empty
                     for r in done
                 ):
                     continue
                 if name == MONAI:
+                    if empty:
+                        continue  # the yardstick knows no empty slices
                     model, summary = train_monai(image, partial, steps, seed, class_names, device)
                 else:
                     method = "default" if encoder is None else "pretrained"
+                    changes = {"encoder_frozen_for": encoder_frozen_for} if encoder else {}
                     model, summary = train_ours(
-                        method, image, partial, steps, seed, encoder, work, class_names, device
+                        method, image, partial, steps, seed, encoder, work, class_names, device,
+                        tuple(empty), **changes,
                     )
                 pred = predict_volume(model, image, axis=0, device=device)
                 row = {
                     **key,
                     "labelled_slices": labelled,
-                    "dice": dice_on_unlabelled(pred, truth, labelled, class_names),
+                    # Slices marked empty were given, like the painted ones: not scored.
+                    "dice": dice_on_unlabelled(pred, truth, labelled + empty, class_names),
                     "foreground_voxels_on_empty_slices": foreground_on_empty_slices(
-                        pred, truth, labelled
+                        pred, truth, labelled + empty
                     ),
                     "train_seconds": summary.get("train_seconds"),
                     "started_from": model.card.training.get("started_from"),
+                    # A CPU seed reproduces only at the same thread count.
+                    "torch_threads": torch.get_num_threads(),
                 }
                 if encoder is not None:
                     row["encoder_steps"] = read_card(encoder).training.get("steps_done")
@@ -307,6 +334,18 @@ def main() -> None:
         help="add the yardstick row: a plain MONAI UNet of the same size trained on the same "
         "slices for the same steps (benchmarks/annotation_efficiency.py)",
     )
+    parser.add_argument(
+        "--encoder-frozen-for",
+        type=float,
+        default=0.0,
+        help="FinetuneSettings.encoder_frozen_for for the pretrained starts (LP-FT); rows record it",
+    )
+    parser.add_argument(
+        "--mark-empty",
+        action="store_true",
+        help="also give one structure-free slice on each side of the structure, marked empty "
+        "(FinetuneJob.empty_slices); rows record them",
+    )
     args = parser.parse_args()
     done: list[dict[str, Any]] = []
     if args.results.exists():
@@ -322,6 +361,8 @@ def main() -> None:
             args.volume,
             args.monai,
             args.device,
+            args.encoder_frozen_for,
+            args.mark_empty,
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)

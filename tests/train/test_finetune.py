@@ -363,3 +363,45 @@ def test_the_encoder_rate_scale_reaches_the_optimizer(make_job, tmp_path, monkey
     assert isinstance(done, Done)
     assert seen and all(len(lrs) == 2 for lrs in seen)
     assert all(abs(enc - 0.25 * dec) < 1e-12 for enc, dec in seen)
+
+
+def _encoder_weights(checkpoint) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoint).network.encoder.state_dict()
+
+
+def test_a_trained_encoder_stays_frozen_for_the_asked_fraction_of_steps(make_job, tmp_path):
+    """LP-FT: the decoders learn on the trained encoder's features first; a random start is never frozen."""
+    first = list(run(make_job(steps=2)))[-1]
+    start = _encoder_weights(first.checkpoint)
+
+    def from_first(frozen_for: float, name: str, model: str | None = None):
+        job = make_job(
+            steps=4,
+            model=model or str(first.checkpoint),
+            out=tmp_path / f"{name}.safetensors",
+            settings=replace(make_job().settings, encoder_frozen_for=frozen_for),
+        )
+        done = list(run(job))[-1]
+        assert isinstance(done, Done) and read_card(done.checkpoint).training[
+            "settings"
+        ]["encoder_frozen_for"] == frozen_for
+        return done.checkpoint
+
+    # Frozen for every step (0.9 of 4 steps): the encoder is exactly the start's ...
+    frozen = from_first(0.9, "frozen")
+    assert all(torch.equal(start[k], v) for k, v in _encoder_weights(frozen).items())
+    # ... while the decoders trained on it.
+    before = load_checkpoint(first.checkpoint).network.state_dict()
+    after = load_checkpoint(frozen).network.state_dict()
+    assert any(
+        not torch.equal(before[k], after[k]) for k in after if not k.startswith("encoder.")
+    )
+    # Frozen for half the steps: it trains after that.
+    half = from_first(0.5, "half")
+    assert any(not torch.equal(start[k], v) for k, v in _encoder_weights(half).items())
+    # A random start has no features to keep: the setting changes nothing.
+    plain = _encoder_weights(from_first(0.0, "random-plain", model="random"))
+    asked = _encoder_weights(from_first(0.9, "random-frozen", model="random"))
+    assert all(torch.equal(plain[k], v) for k, v in asked.items())
+    with pytest.raises(FewLabelError, match="encoder_frozen_for"):
+        FinetuneSettings(encoder_frozen_for=1.0)

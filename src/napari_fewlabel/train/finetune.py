@@ -128,6 +128,12 @@ class FinetuneSettings:
         starts from trained weights (a pretrained encoder or a model); 1
         trains all at one rate. Below 1 keeps more of what pretraining
         learned.
+    encoder_frozen_for : float
+        Fraction of the steps during which a trained encoder stays frozen
+        while the decoders learn on its features, before all weights train
+        (LP-FT, Kumar et al., ICLR 2022: a random head's first gradients
+        otherwise distort the pretrained features). 0 trains it from the
+        first step; a random start is never frozen.
     """
 
     batch_labelled: int = 4
@@ -146,6 +152,7 @@ class FinetuneSettings:
     validate_every: int = 25
     test_time_flips: bool = False
     encoder_lr_scale: float = 1.0
+    encoder_frozen_for: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_labelled < 1 or self.batch_unlabelled < 1:
@@ -158,6 +165,10 @@ class FinetuneSettings:
             raise FewLabelError("confidence_threshold must be in [0, 1).")
         if not 0 < self.encoder_lr_scale <= 1:
             raise FewLabelError("encoder_lr_scale must be in (0, 1].")
+        if not 0 <= self.encoder_frozen_for < 1:
+            raise FewLabelError(
+                "encoder_frozen_for is a fraction of the steps: give a value in [0, 1)."
+            )
 
     @classmethod
     def paper(cls) -> FinetuneSettings:
@@ -203,6 +214,8 @@ class FinetuneSettings:
             out.append(f"{in_slices} adjacent slices as input channels (2.5D)")
         if self.test_time_flips:
             out.append("flip test-time augmentation")
+        if self.encoder_frozen_for > 0:
+            out.append(f"a trained encoder frozen for the first {self.encoder_frozen_for:.0%} of steps")
         return out
 
 
@@ -216,7 +229,13 @@ class FinetuneJob:
         The scan, ``(z, y, x)``.
     labels : Volume or ndarray
         Label map of the same shape (and geometry); slices with any nonzero
-        value are labelled, 0 there is background.
+        value are labelled, 0 there is background. A slice of all zeros is
+        unlabelled unless it is in ``empty_slices``.
+    empty_slices : tuple of int
+        Slices (indices along the slice axis) checked and found to hold none
+        of the structures: trained on as all background, like a labelled
+        slice. Marking a few slices away from the structure is how a user
+        says "nothing here" and removes false positives there.
     out : Path
         Checkpoint to write (``.safetensors``); rewritten atomically during training.
     classes : tuple of SegmentationClass, optional
@@ -267,6 +286,7 @@ class FinetuneJob:
     model: str | Path | None = None
     resume_from: Path | None = None
     axis: int | None = None
+    empty_slices: tuple[int, ...] = ()
     steps: int = DEFAULT_STEPS
     time_budget_s: float | None = None
     device: str = "auto"
@@ -291,7 +311,8 @@ class _Prepared:
     normalization: NormalizationConfig
     input_size: tuple[int, int]
     architecture: UNetConfig
-    labelled: np.ndarray  # slice indices of stacks[0] used for training
+    labelled: np.ndarray  # slice indices of stacks[0] used for training (empty ones included)
+    empty: np.ndarray  # slice indices of stacks[0] marked empty (all background)
     held_out: np.ndarray  # slice indices of stacks[0] held out for validation
     labels_by_slice: dict[int, torch.Tensor]  # slice index -> (H, W) int64
     extra_labelled: list[tuple[int, int, torch.Tensor]]  # (stack index, slice index, labels)
@@ -408,7 +429,8 @@ def _prepare(job: FinetuneJob) -> _Prepared:
             "(any nonzero value on a slice marks the whole slice as labelled)."
         )
     n_slices = labels.shape[axis]
-    unlabelled = np.setdiff1d(np.arange(n_slices), labelled)
+    empty = _check_empty_slices(job.empty_slices, labels, axis)
+    unlabelled = np.setdiff1d(np.arange(n_slices), np.union1d(labelled, empty))
 
     held_out, why_not = _choose_held_out(
         labels, axis, labelled, job.settings.validation_min_labelled
@@ -456,8 +478,9 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         )
 
     stacks = [SliceStack(image, axis, fit_intensity(image, normalization), input_size)]
-    fitted = fit_labels(labels, axis, labelled, stacks[0].fit)
-    labels_by_slice = {int(i): fitted[n] for n, i in enumerate(labelled)}
+    given = np.union1d(labelled, empty)
+    fitted = fit_labels(labels, axis, given, stacks[0].fit)
+    labels_by_slice = {int(i): fitted[n] for n, i in enumerate(given)}
 
     pool = [(0, int(i)) for i in unlabelled]
     extra_labelled: list[tuple[int, int, torch.Tensor]] = []
@@ -490,7 +513,7 @@ def _prepare(job: FinetuneJob) -> _Prepared:
             )
         )
 
-    train_labelled = np.setdiff1d(labelled, held_out)
+    train_labelled = np.setdiff1d(given, held_out)
     return _Prepared(
         stacks=stacks,
         axis=axis,
@@ -499,6 +522,7 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         input_size=input_size,
         architecture=architecture,
         labelled=train_labelled,
+        empty=empty,
         held_out=held_out,
         labels_by_slice=labels_by_slice,
         extra_labelled=extra_labelled,
@@ -507,6 +531,30 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         start_card=start_card,
         start=start,
     )
+
+
+def _check_empty_slices(asked: tuple[int, ...], labels: np.ndarray, axis: int) -> np.ndarray:
+    """The slices marked empty, checked: on the volume, and with nothing painted on them."""
+    n_slices = labels.shape[axis]
+    empty = np.unique(np.asarray(asked, dtype=np.int64))
+    outside = [int(i) for i in empty if not 0 <= i < n_slices]
+    if outside:
+        raise FewLabelError(
+            f"Slice(s) {', '.join(map(str, outside))} marked empty are outside the scan "
+            f"(0..{n_slices - 1} along the slice axis {axis}): mark slices of this scan."
+        )
+    painted = [int(i) for i in empty if np.take(labels, int(i), axis=axis).any()]
+    if painted:
+        raise FewLabelError(
+            f"Slice(s) {', '.join(map(str, painted))} are marked empty but have painted "
+            "voxels: erase the paint there, or unmark the slice(s)."
+        )
+    return empty
+
+
+def _painted_slices(data: _Prepared) -> list[int]:
+    """Slices of the scan with painted labels (training and held out), without the empty ones."""
+    return [int(i) for i in np.setdiff1d(np.union1d(data.labelled, data.held_out), data.empty)]
 
 
 def _choose_held_out(
@@ -705,8 +753,9 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         yield Notice(f"Starting from {started_from}.")
     network.to(device).train()
 
+    trained_start = started_from != RANDOM_START
     optimizer = torch.optim.AdamW(
-        _parameter_groups(network, settings, started_from != RANDOM_START),
+        _parameter_groups(network, settings, trained_start),
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
     )
@@ -760,7 +809,8 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                     "spacing_mm": list(job.image.spacing_mm),
                     "modality": job.image.modality,
                     "slice_axis": data.axis,
-                    "labelled_slices": [int(i) for i in np.union1d(data.labelled, data.held_out)],
+                    "labelled_slices": _painted_slices(data),
+                    "empty_slices": [int(i) for i in data.empty],
                     "held_out_slices": [int(i) for i in data.held_out],
                     "unlabelled_slices": len(data.unlabelled_pool),
                     "extra_unlabelled_volumes": len(job.extra_unlabelled),
@@ -814,6 +864,8 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         p = progress_at(step)
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * _lr_factor(p, step) * group["lr_scale"]
+        # A frozen encoder gets no gradient, so AdamW leaves it (and its moments) alone.
+        network.encoder.requires_grad_(not (trained_start and p < settings.encoder_frozen_for))
         cps_w = 0.0
         if use_cps and p >= settings.supervised_warmup:
             cps_w = settings.cps_weight * sigmoid_rampup(
@@ -903,10 +955,11 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         network.train()
         return _foreground_dice(torch.cat(preds), torch.cat(truths), len(data.classes))
 
+    marked = f" ({data.empty.size} of them marked empty)" if data.empty.size else ""
     yield Notice(
         f"Fine-tuning on {device_text} ({precision.name}): "
         f"{len(labelled_pool) + len(data.extra_labelled)} labelled "
-        f"slice(s) for training, {held_out.size} held out for validation, "
+        f"slice(s) for training{marked}, {held_out.size} held out for validation, "
         f"{len(data.unlabelled_pool)} unlabelled slice(s), input "
         f"{data.input_size[0]}x{data.input_size[1]}, {total} steps."
     )
@@ -990,7 +1043,8 @@ def _summary(
         "val_dice": val_dice,
         "device": device,
         "slice_axis": data.axis,
-        "labelled_slices": [int(i) for i in np.union1d(data.labelled, data.held_out)],
+        "labelled_slices": _painted_slices(data),
+        "empty_slices": [int(i) for i in data.empty],
         "held_out_slices": [int(i) for i in data.held_out],
         "input_size": list(data.input_size),
         "package_version": __version__,
