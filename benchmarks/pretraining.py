@@ -232,8 +232,17 @@ def annotation_efficiency(
                     method = "default" if encoder is None else "pretrained"
                     changes = {"encoder_frozen_for": encoder_frozen_for} if encoder else {}
                     model, summary = train_ours(
-                        method, image, partial, steps, seed, encoder, work, class_names, device,
-                        tuple(empty), **changes,
+                        method,
+                        image,
+                        partial,
+                        steps,
+                        seed,
+                        encoder,
+                        work,
+                        class_names,
+                        device,
+                        tuple(empty),
+                        **changes,
                     )
                 pred = predict_volume(model, image, axis=0, device=device)
                 row = {

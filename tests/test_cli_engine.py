@@ -92,6 +92,15 @@ def test_user_errors_exit_with_code_2_and_a_message(scan_files, tmp_path, capsys
     assert "No labelled slice" in capsys.readouterr().err
     assert not out.exists()
 
+    # A slice marked empty that has paint on it (slice 4 is painted).
+    labels = scan_files[2]
+    args = ["finetune", str(image), str(labels), "--out", str(out), "--device", "cpu"]
+    assert main([*args, "--empty-slices", "0", "4"]) == 2
+    assert "Slice(s) 4 along z (axial) are marked empty but have painted" in capsys.readouterr().err
+    assert main([*args, "--empty-slices", "12"]) == 2
+    assert "outside the scan (0..11" in capsys.readouterr().err
+    assert not out.exists()
+
 
 def test_evaluate_refuses_masks_of_different_scans(scan_files, tmp_path, capsys):
     _, _, _, truth = scan_files

@@ -366,6 +366,15 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after this long")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: inferred)")
+    p.add_argument(
+        "--empty-slices",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="INDEX",
+        help="slices (0-based, along the slice axis) you checked and found without any of the "
+        "structures: trained on as background, which removes false positives there",
+    )
     p.add_argument("--classes", help="comma-separated class names, background first")
     p.add_argument("--extra-unlabelled", type=Path, nargs="*", default=[], metavar="IMAGE")
     p.add_argument(
@@ -414,6 +423,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model,
         resume_from=args.resume,
         axis=args.axis,
+        empty_slices=tuple(args.empty_slices),
         steps=args.steps or DEFAULT_STEPS,
         time_budget_s=args.time_budget,
         device=args.device,

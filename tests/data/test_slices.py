@@ -3,7 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_fewlabel.data.slices import infer_slice_axis, labelled_slices, unlabelled_slices
+from napari_fewlabel.data.slices import (
+    check_empty_slices,
+    infer_slice_axis,
+    labelled_slices,
+    unlabelled_slices,
+)
 from napari_fewlabel.errors import FewLabelError
 
 
@@ -61,3 +66,18 @@ def test_no_label_at_all_is_a_user_error():
 def test_bad_axis_is_a_user_error():
     with pytest.raises(FewLabelError, match="0, 1 or 2"):
         labelled_slices(np.zeros((4, 4, 4)), 3)
+
+
+def test_slices_marked_empty_are_checked_against_the_paint():
+    truth = _blob_volume()
+    painted = np.zeros_like(truth)
+    painted[:, 12] = truth[:, 12]  # one coronal slice
+    # Sorted, duplicates dropped; a slice on the other axis may hold paint seen across.
+    np.testing.assert_array_equal(check_empty_slices(painted, 1, [29, 0, 29]), [0, 29])
+    with pytest.raises(FewLabelError, match=r"Slice\(s\) 12 along y \(coronal\) are marked empty"):
+        check_empty_slices(painted, 1, [0, 12])
+    with pytest.raises(FewLabelError, match=r"outside the scan \(0..29"):
+        check_empty_slices(painted, 1, [30])
+    with pytest.raises(FewLabelError, match="outside"):
+        check_empty_slices(painted, 1, [-1])
+    assert check_empty_slices(painted, 0, []).size == 0

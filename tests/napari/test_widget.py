@@ -279,3 +279,39 @@ def test_pickers_follow_a_renamed_layer(widget_with_scan, small_phantom):
     assert widget.labels_combo.currentText() == "annotation (2 slices)"
     assert widget.image_combo.currentText() == "heart MRI"
     assert widget.slice_count.text().startswith("2 z (axial) slice(s)")
+
+
+def test_marking_slices_empty_reaches_the_job(widget_with_scan, small_phantom):
+    """'Mark slice empty' records the slice on screen; paint there is refused, before and after."""
+    viewer, widget = widget_with_scan
+    annotation = widget.new_annotation_layer()
+    _paint(annotation, small_phantom.labels.array)
+    viewer.dims.set_current_step(0, 3)
+    messages = notifications(widget.toggle_empty_slice)
+    assert any("Slice 3 (z (axial)) marked empty" in m for m in messages)
+    viewer.dims.set_current_step(0, 44)
+    assert widget.toggle_empty_slice()
+    assert annotation.metadata["fewlabel_empty_slices"] == {"axis": 0, "slices": [3, 44]}
+    assert "marked empty: 3, 44" in widget.slice_count.text()
+    # A painted slice is labelled already.
+    viewer.dims.set_current_step(0, LABELLED[0])
+    messages = notifications(widget.toggle_empty_slice)
+    assert any(f"Slice {LABELLED[0]} has painted voxels" in m for m in messages)
+    # Pressing again on a marked slice unmarks it.
+    viewer.dims.set_current_step(0, 44)
+    assert widget.toggle_empty_slice()
+    assert annotation.metadata["fewlabel_empty_slices"]["slices"] == [3]
+    job = widget._build_job()
+    assert job.empty_slices == (3,) and job.axis == 0
+    # Another orientation on screen: refused, nothing changes.
+    viewer.dims.order = (1, 0, 2)
+    messages = notifications(widget.toggle_empty_slice)
+    assert any("the view shows y (coronal) slices" in m for m in messages)
+    assert annotation.metadata["fewlabel_empty_slices"]["slices"] == [3]
+    viewer.dims.order = (0, 1, 2)
+    # Painting on a marked slice later: Start says so and starts nothing.
+    annotation.data[3, 40:44, 40:44] = 1
+    annotation.events.data()
+    messages = notifications(widget.start)
+    assert any("Slice(s) 3 along z (axial) are marked empty but have painted" in m for m in messages)
+    assert not widget.runner.is_running

@@ -1,9 +1,10 @@
 """Which slices the user labelled, and along which axis.
 
 The rule (DESIGN.md): a slice with any nonzero voxel counts as fully labelled
-and 0 on it means background; a slice with only zeros is unlabelled. A slice
-the user meant as "all background" must therefore carry at least one painted
-voxel to count; this is the price of needing no separate "labelled" flag.
+and 0 on it means background; a slice with only zeros is unlabelled, unless
+the user marked it empty: checked, and holding none of the structures
+(:func:`check_empty_slices`). Painting needs no "labelled" flag; only the
+empty slices, which paint cannot express, are listed apart.
 
 The slice axis is the one along which the labelled slices are *separated by
 unlabelled ones*: painting a few axial slices leaves gaps along ``z`` but gives
@@ -12,6 +13,7 @@ one contiguous run of rows along ``y`` and ``x``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +104,32 @@ def infer_slice_axis(labels: np.ndarray) -> SliceAxisChoice:
         axis=axis,
         reason=f"Slice axis {axis} = {AXIS_NAMES[axis]}: {why}. Override with --axis.",
     )
+
+
+def check_empty_slices(labels: np.ndarray, axis: int, marked: Iterable[int]) -> np.ndarray:
+    """The slices marked empty, sorted and checked: on the volume, with nothing painted.
+
+    Raises
+    ------
+    FewLabelError
+        A marked slice is outside the volume, or has painted voxels.
+    """
+    _check_axis(axis)
+    n_slices = labels.shape[axis]
+    empty = np.unique(np.asarray(list(marked), dtype=np.int64))
+    outside = [int(i) for i in empty if not 0 <= i < n_slices]
+    if outside:
+        raise FewLabelError(
+            f"Slice(s) {', '.join(map(str, outside))} marked empty are outside the scan "
+            f"(0..{n_slices - 1} along {AXIS_NAMES[axis]}): mark slices of this scan."
+        )
+    painted = [int(i) for i in empty if np.take(labels, int(i), axis=axis).any()]
+    if painted:
+        raise FewLabelError(
+            f"Slice(s) {', '.join(map(str, painted))} along {AXIS_NAMES[axis]} are marked "
+            "empty but have painted voxels: erase the paint there, or unmark the slice(s)."
+        )
+    return empty
 
 
 def _check_axis(axis: int) -> None:

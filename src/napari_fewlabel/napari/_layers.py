@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 CLASSES_KEY = "fewlabel_classes"
 #: layer.metadata key marking a prediction layer made by the plugin.
 PREDICTION_KEY = "fewlabel_prediction"
+#: layer.metadata key of an annotation layer's slices marked empty:
+#: ``{"axis": int, "slices": [int, ...]}`` (indices along that data axis).
+EMPTY_SLICES_KEY = "fewlabel_empty_slices"
 
 #: Soft-tissue window (W400/L40) for CT; MR uses its 0.5-99.5 percentiles.
 CT_WINDOW = (-160.0, 240.0)

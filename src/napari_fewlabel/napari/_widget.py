@@ -2,7 +2,8 @@
 
 1. Scan: which image layer, CT or MR (detected by the reader, overridable).
 2. Annotation: which labels layer (or a new one with the scan's geometry and
-   the chosen classes), the class preset, and a live count of labelled slices.
+   the chosen classes), the class preset, a live count of labelled slices,
+   and "Mark slice empty" for a slice checked and found without any structure.
 3. Model, device (the one in use is always shown) and training budget.
 4. Start / Stop, progress with ETA, a live plot of the losses and validation Dice.
 5. Results: the "<image> prediction" layer, Save model..., Export mask...,
@@ -37,13 +38,19 @@ from qtpy.QtWidgets import (
 
 from napari_fewlabel.data.classes import SegmentationClass, default_classes
 from napari_fewlabel.data.presets import CLASS_PRESETS, CUSTOM
-from napari_fewlabel.data.slices import AXIS_NAMES, infer_slice_axis, labelled_slices
+from napari_fewlabel.data.slices import (
+    AXIS_NAMES,
+    check_empty_slices,
+    infer_slice_axis,
+    labelled_slices,
+)
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
 from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict, predict_with_model
 from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import (
     CLASSES_KEY,
+    EMPTY_SLICES_KEY,
     PREDICTION_KEY,
     labels_layer_data,
     layer_meta,
@@ -126,11 +133,19 @@ class FinetuneWidget(JobWidget):
         self.new_labels_button.clicked.connect(self.new_annotation_layer)
         self.slice_count = QLabel("no labelled slice yet")
         self.slice_count.setWordWrap(True)
+        self.empty_button = QPushButton("Mark slice empty")
+        self.empty_button.setToolTip(
+            "The slice on screen holds none of the structures: train on it as background. "
+            "Mark a few such slices where the prediction shows false positives. "
+            "Press again on a marked slice to unmark it."
+        )
+        self.empty_button.clicked.connect(self.toggle_empty_slice)
         form.addRow("Classes", self.preset_combo)
         form.addRow("", self.custom_names)
         form.addRow("Labels", self.labels_combo)
         form.addRow("", self.new_labels_button)
         form.addRow("Labelled", self.slice_count)
+        form.addRow("", self.empty_button)
         return box
 
     def _build_model_box(self) -> QGroupBox:
@@ -271,8 +286,12 @@ class FinetuneWidget(JobWidget):
             self.slice_count.setText("no annotation layer: press 'New annotation layer'")
             return
         data = np.asarray(labels.data)
+        _, empty = marked_empty(labels)
+        marked = f"; marked empty: {_listed(empty)}" if empty else ""
         if data.ndim != 3 or not data.any():
-            self.slice_count.setText("no labelled slice yet: paint any structure on a slice")
+            self.slice_count.setText(
+                "no labelled slice yet: paint any structure on a slice" + marked
+            )
             return
         axis = infer_slice_axis(data).axis
         slices = labelled_slices(data, axis)
@@ -281,10 +300,68 @@ class FinetuneWidget(JobWidget):
         for cls in classes[1:]:
             n = labelled_slices(data == cls.index, axis).size
             per_class.append(f"{cls.name}: {n}")
-        shown = ", ".join(str(s) for s in slices[:12]) + (" ..." if slices.size > 12 else "")
         self.slice_count.setText(
-            f"{slices.size} {AXIS_NAMES[axis]} slice(s) ({shown}); " + "; ".join(per_class)
+            f"{slices.size} {AXIS_NAMES[axis]} slice(s) ({_listed(slices.tolist())}); "
+            + "; ".join(per_class)
+            + marked
         )
+
+    def toggle_empty_slice(self) -> bool:
+        """Mark the slice on screen empty (trained as background), or unmark it; False if refused."""
+        try:
+            axis, index = self._slice_on_screen()
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        labels = self.selected_labels()
+        assert labels is not None  # _slice_on_screen checked it
+        marked_axis, empty = marked_empty(labels)
+        data = np.asarray(labels.data)
+        if index in empty and marked_axis == axis:
+            empty.remove(index)
+            message = f"Slice {index} ({AXIS_NAMES[axis]}) is no longer marked empty."
+        else:
+            # Marks and paint share one slice axis, the one training will use.
+            painted_axis = infer_slice_axis(data).axis if data.any() else axis
+            expected = marked_axis if empty else painted_axis
+            if expected != axis:
+                show_error(
+                    f"The slices so far are {AXIS_NAMES[expected]} but the view shows "
+                    f"{AXIS_NAMES[axis]} slices: switch the view to that orientation, then mark."
+                )
+                return False
+            if np.take(data, index, axis=axis).any():
+                show_error(
+                    f"Slice {index} has painted voxels, so it is labelled already: erase the "
+                    "paint first if the slice holds none of the structures."
+                )
+                return False
+            empty = sorted({*empty, index})
+            message = f"Slice {index} ({AXIS_NAMES[axis]}) marked empty: it trains as background."
+        labels.metadata[EMPTY_SLICES_KEY] = {"axis": axis, "slices": empty}
+        self._update_slice_count()
+        show_info(message)
+        return True
+
+    def _slice_on_screen(self) -> tuple[int, int]:
+        """(data axis, index) of the annotation layer's slice shown in the 2D view."""
+        labels = self.selected_labels()
+        if labels is None or labels.ndim != 3:
+            raise FewLabelError(
+                "Choose a 3D annotation layer in '2. Annotation' (or press 'New annotation "
+                "layer'), then show the slice to mark."
+            )
+        dims = self.viewer.dims
+        if dims.ndisplay != 2 or len(dims.not_displayed) != dims.ndim - 2:
+            raise FewLabelError("Switch to the 2D view and show the slice to mark as empty.")
+        axis = dims.not_displayed[-1] - (dims.ndim - labels.ndim)
+        index = int(np.round(labels.world_to_data(dims.point)[axis]))
+        if not 0 <= index < labels.data.shape[axis]:
+            raise FewLabelError(
+                f"The view is outside the annotation layer (slice {index}): scroll to a slice "
+                "of the scan."
+            )
+        return axis, index
 
     def _on_preset_changed(self, name: str) -> None:
         self.custom_names.setVisible(name == CUSTOM)
@@ -334,7 +411,8 @@ class FinetuneWidget(JobWidget):
         self.viewer.layers.selection.active = layer
         show_info(
             "Paint a few slices (any nonzero value marks the whole slice as labelled; "
-            "unpainted voxels there are background), then press Start."
+            "unpainted voxels there are background), then press Start. A slice with none "
+            "of the structures: show it and press 'Mark slice empty'."
         )
         return layer
 
@@ -408,6 +486,16 @@ class FinetuneWidget(JobWidget):
                 "No labelled slice: paint at least one slice of the annotation layer "
                 "(two or more, spread over the volume, give better results)."
             )
+        axis, empty = marked_empty(labels)
+        if empty:
+            painted_axis = infer_slice_axis(data).axis
+            if painted_axis != axis:
+                raise FewLabelError(
+                    f"The slices marked empty are {AXIS_NAMES[axis]} but the painted ones "
+                    f"are {AXIS_NAMES[painted_axis]}: unmark them, or mark slices in the "
+                    "orientation you painted."
+                )
+            check_empty_slices(data, axis, empty)  # painted over since they were marked?
         minutes = self.minutes_spin.value()
         self._job_image = image
         return FinetuneJob(
@@ -416,6 +504,8 @@ class FinetuneWidget(JobWidget):
             out=self._workdir / f"model-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
             classes=self.current_classes(max_label=int(data.max())),
             model=self._selected_model(),
+            axis=axis if empty else None,
+            empty_slices=tuple(empty),
             steps=self.steps_spin.value(),
             time_budget_s=60.0 * minutes if minutes else None,
             device=self.device_combo.currentText(),
@@ -559,3 +649,13 @@ class FinetuneWidget(JobWidget):
             return None
         show_info(f"Mask saved to {written}")
         return written
+
+
+def marked_empty(labels: Labels) -> tuple[int, list[int]]:
+    """(axis, slices) an annotation layer has marked empty; ``(0, [])`` when none."""
+    marks = labels.metadata.get(EMPTY_SLICES_KEY) or {}
+    return int(marks.get("axis", 0)), [int(i) for i in marks.get("slices", [])]
+
+
+def _listed(slices: list[int], at_most: int = 12) -> str:
+    return ", ".join(map(str, slices[:at_most])) + (" ..." if len(slices) > at_most else "")

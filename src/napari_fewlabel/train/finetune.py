@@ -47,7 +47,7 @@ from napari_fewlabel.data.classes import SegmentationClass, check_classes, defau
 from napari_fewlabel.data.input_fit import choose_input_size
 from napari_fewlabel.data.normalization import NormalizationConfig, count_nonfinite, fit_intensity
 from napari_fewlabel.data.slice_stack import SliceStack, fit_labels
-from napari_fewlabel.data.slices import infer_slice_axis, labelled_slices
+from napari_fewlabel.data.slices import check_empty_slices, infer_slice_axis, labelled_slices
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.losses.cross_pseudo_supervision import (
@@ -215,7 +215,9 @@ class FinetuneSettings:
         if self.test_time_flips:
             out.append("flip test-time augmentation")
         if self.encoder_frozen_for > 0:
-            out.append(f"a trained encoder frozen for the first {self.encoder_frozen_for:.0%} of steps")
+            out.append(
+                f"a trained encoder frozen for the first {self.encoder_frozen_for:.0%} of steps"
+            )
         return out
 
 
@@ -429,7 +431,7 @@ def _prepare(job: FinetuneJob) -> _Prepared:
             "(any nonzero value on a slice marks the whole slice as labelled)."
         )
     n_slices = labels.shape[axis]
-    empty = _check_empty_slices(job.empty_slices, labels, axis)
+    empty = check_empty_slices(labels, axis, job.empty_slices)
     unlabelled = np.setdiff1d(np.arange(n_slices), np.union1d(labelled, empty))
 
     held_out, why_not = _choose_held_out(
@@ -531,25 +533,6 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         start_card=start_card,
         start=start,
     )
-
-
-def _check_empty_slices(asked: tuple[int, ...], labels: np.ndarray, axis: int) -> np.ndarray:
-    """The slices marked empty, checked: on the volume, and with nothing painted on them."""
-    n_slices = labels.shape[axis]
-    empty = np.unique(np.asarray(asked, dtype=np.int64))
-    outside = [int(i) for i in empty if not 0 <= i < n_slices]
-    if outside:
-        raise FewLabelError(
-            f"Slice(s) {', '.join(map(str, outside))} marked empty are outside the scan "
-            f"(0..{n_slices - 1} along the slice axis {axis}): mark slices of this scan."
-        )
-    painted = [int(i) for i in empty if np.take(labels, int(i), axis=axis).any()]
-    if painted:
-        raise FewLabelError(
-            f"Slice(s) {', '.join(map(str, painted))} are marked empty but have painted "
-            "voxels: erase the paint there, or unmark the slice(s)."
-        )
-    return empty
 
 
 def _painted_slices(data: _Prepared) -> list[int]:
