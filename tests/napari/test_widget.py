@@ -73,6 +73,7 @@ def test_full_loop_on_the_phantom(widget_with_scan, small_phantom, qtbot, tmp_pa
     assert len(done) == 1 and not done[0].cancelled
     prediction = viewer.layers["phantom prediction"]
     assert widget.selected_labels() is annotation  # the prediction does not replace it
+    assert "Mark slice empty" in widget.status.text()  # the next step where it is wrong
     image = viewer.layers["phantom"]
     assert np.allclose(prediction.scale, image.scale)
     assert np.allclose(prediction.translate, image.translate)

@@ -591,7 +591,13 @@ class FinetuneWidget(JobWidget):
         summary = ", ".join(
             f"{c.name} {counts[c.index] * voxel_ml:.1f} mL" for c in event.classes[1:]
         )
-        self.status.setText(f"Prediction ready: {summary}.")
+        hint = (
+            " Structure marked on a slice that has none? Show that slice, press 'Mark slice "
+            "empty' and Start again."
+            if self._job_kind == "finetune"
+            else ""
+        )
+        self.status.setText(f"Prediction ready: {summary}.{hint}")
 
     def _on_failed(self, failure: JobFailed) -> None:
         self.status.setText(notify_failure(failure, "The job"))
