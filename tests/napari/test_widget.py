@@ -314,5 +314,7 @@ def test_marking_slices_empty_reaches_the_job(widget_with_scan, small_phantom):
     annotation.data[3, 40:44, 40:44] = 1
     annotation.events.data()
     messages = notifications(widget.start)
-    assert any("Slice(s) 3 along z (axial) are marked empty but have painted" in m for m in messages)
+    assert any(
+        "Slice(s) 3 along z (axial) are marked empty but have painted" in m for m in messages
+    )
     assert not widget.runner.is_running

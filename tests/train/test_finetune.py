@@ -416,7 +416,9 @@ def test_a_slice_marked_empty_is_trained_as_background(make_job, tiny_case, tmp_
     def foreground_on_slice_8(**changes):
         done = list(run(make_job(steps=120, out=tmp_path / "m.safetensors", **changes)))[-1]
         model = load_checkpoint(done.checkpoint)
-        return done, int((predict_volume(model, tiny_case.image, axis=0, device="cpu")[8] > 0).sum())
+        return done, int(
+            (predict_volume(model, tiny_case.image, axis=0, device="cpu")[8] > 0).sum()
+        )
 
     _, unmarked = foreground_on_slice_8()
     events = _events(make_job(steps=1, empty_slices=(8,)))
