@@ -372,8 +372,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[],
         metavar="INDEX",
-        help="slices (0-based, along the slice axis) you checked and found without any of the "
-        "structures: trained on as background, which removes false positives there",
+        help="slices you checked and found without any of the structures: trained on as "
+        "background, which removes false positives there. 0-based along the slice axis, "
+        "numbered as napari shows the scan (axial 0 is the most inferior slice; the file's "
+        "own order may differ, see `fewlabel info`)",
     )
     p.add_argument("--classes", help="comma-separated class names, background first")
     p.add_argument("--extra-unlabelled", type=Path, nargs="*", default=[], metavar="IMAGE")
