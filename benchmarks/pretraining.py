@@ -187,6 +187,7 @@ def annotation_efficiency(
     device: str = "cpu",
     encoder_frozen_for: float = 0.0,
     mark_empty: bool = False,
+    empty_share: float = 1.0,
 ) -> None:
     image, truth, class_names = evaluation_volume(volume)
     if volume in TARGET_SCANS:
@@ -215,12 +216,15 @@ def annotation_efficiency(
                     key["empty_slices"] = empty
                 if encoder is not None and encoder_frozen_for:  # a random start has none to freeze
                     key["encoder_frozen_for"] = encoder_frozen_for
+                if empty and empty_share < 1:  # rows without it drew every given slice equally
+                    key["empty_share"] = empty_share
                 if any(
                     all(r.get(f) == v for f, v in key.items())
                     and r.get("volume", "mni") == volume
                     and r.get("device", "cpu") == device
                     and r.get("encoder_frozen_for", 0.0) == key.get("encoder_frozen_for", 0.0)
                     and r.get("empty_slices", []) == empty
+                    and r.get("empty_share", 1.0) == key.get("empty_share", 1.0)
                     for r in done
                 ):
                     continue
@@ -230,7 +234,9 @@ def annotation_efficiency(
                     model, summary = train_monai(image, partial, steps, seed, class_names, device)
                 else:
                     method = "default" if encoder is None else "pretrained"
-                    changes = {"encoder_frozen_for": encoder_frozen_for} if encoder else {}
+                    changes: dict[str, Any] = {"empty_share": empty_share}
+                    if encoder:
+                        changes["encoder_frozen_for"] = encoder_frozen_for
                     model, summary = train_ours(
                         method,
                         image,
@@ -319,8 +325,9 @@ def main() -> None:
     parser.add_argument(
         "--encoders",
         type=Path,
-        nargs="+",
+        nargs="*",
         default=sorted(SHIPPED_MODEL_DIR.glob("*-encoder.safetensors")),
+        help="pretrained starts beside random init (none: random init only)",
     )
     parser.add_argument("--pretrain-steps", type=int, default=100, help="per collapse run")
     parser.add_argument(
@@ -355,6 +362,13 @@ def main() -> None:
         help="also give one structure-free slice on each side of the structure, marked empty "
         "(FinetuneJob.empty_slices); rows record them",
     )
+    parser.add_argument(
+        "--empty-share",
+        type=float,
+        default=1.0,
+        help="FinetuneSettings.empty_share with --mark-empty: the most the marked slices take "
+        "of the labelled draws (1 = every given slice equally); rows record it below 1",
+    )
     args = parser.parse_args()
     done: list[dict[str, Any]] = []
     if args.results.exists():
@@ -372,6 +386,7 @@ def main() -> None:
             args.device,
             args.encoder_frozen_for,
             args.mark_empty,
+            args.empty_share,
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)

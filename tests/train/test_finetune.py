@@ -431,3 +431,29 @@ def test_a_slice_marked_empty_is_trained_as_background(make_job, tiny_case, tmp_
     assert data["unlabelled_slices"] == tiny_case.image.shape[0] - 3
     with pytest.raises(FewLabelError, match="marked empty but have painted"):
         list(run(make_job(empty_slices=(tiny_case.labelled[0],))))
+
+
+def test_slices_marked_empty_take_at_most_their_share_of_the_labelled_draws(make_job, tiny_case):
+    from napari_fewlabel.train.finetune import labelled_draw_probabilities
+
+    # One painted slice beside two marked ones: capped at half, the painted one gets half.
+    p = labelled_draw_probabilities(np.array([False, True, True]), 0.5)
+    assert p is not None and np.allclose(p, [0.5, 0.25, 0.25])
+    p = labelled_draw_probabilities(np.array([True, False, False, True, False]), 0.2)
+    assert p is not None and np.allclose(p, [0.1, 0.8 / 3, 0.8 / 3, 0.1, 0.8 / 3])
+    # Equal draws already within the share, no marks, or nothing painted: equal draws.
+    assert labelled_draw_probabilities(np.array([False, False, False, True]), 0.5) is None
+    assert labelled_draw_probabilities(np.array([False, False]), 0.1) is None
+    assert labelled_draw_probabilities(np.array([True, True]), 0.1) is None
+    assert labelled_draw_probabilities(np.array([False, True]), 1.0) is None
+    # A real run with the cap binding (two painted slices, one marked) records it.
+    job = make_job(steps=2, empty_slices=(8,))
+    job = replace(job, settings=replace(job.settings, empty_share=0.2))
+    done = _events(job)[-1]
+    assert isinstance(done, Done)
+    training = read_card(done.checkpoint).training
+    assert training["settings"]["empty_share"] == 0.2
+    capped = "slices marked empty at most 20% of the labelled draws"
+    assert capped in training["differences_from_paper"]
+    with pytest.raises(FewLabelError, match="empty_share"):
+        FinetuneSettings(empty_share=0.0)

@@ -134,6 +134,11 @@ class FinetuneSettings:
         (LP-FT, Kumar et al., ICLR 2022: a random head's first gradients
         otherwise distort the pretrained features). 0 trains it from the
         first step; a random start is never frozen.
+    empty_share : float
+        At most this fraction of the labelled draws come from slices marked
+        empty; painted slices take the rest (each group drawn evenly). 1
+        draws every labelled slice equally, so one painted slice beside two
+        marked ones would be a third of the draws.
     """
 
     batch_labelled: int = 4
@@ -153,6 +158,7 @@ class FinetuneSettings:
     test_time_flips: bool = False
     encoder_lr_scale: float = 1.0
     encoder_frozen_for: float = 0.0
+    empty_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.batch_labelled < 1 or self.batch_unlabelled < 1:
@@ -168,6 +174,10 @@ class FinetuneSettings:
         if not 0 <= self.encoder_frozen_for < 1:
             raise FewLabelError(
                 "encoder_frozen_for is a fraction of the steps: give a value in [0, 1)."
+            )
+        if not 0 < self.empty_share <= 1:
+            raise FewLabelError(
+                "empty_share is a fraction of the labelled draws: give a value in (0, 1]."
             )
 
     @classmethod
@@ -218,6 +228,8 @@ class FinetuneSettings:
             out.append(
                 f"a trained encoder frozen for the first {self.encoder_frozen_for:.0%} of steps"
             )
+        if self.empty_share < 1:
+            out.append(f"slices marked empty at most {self.empty_share:.0%} of the labelled draws")
         return out
 
 
@@ -535,6 +547,29 @@ def _prepare(job: FinetuneJob) -> _Prepared:
     )
 
 
+def labelled_draw_probabilities(is_empty: np.ndarray, empty_share: float) -> np.ndarray | None:
+    """How often to draw each labelled slice, or None when every slice is drawn equally.
+
+    Parameters
+    ----------
+    is_empty : ndarray of bool
+        One entry per labelled slice: True where the slice is marked empty.
+    empty_share : float
+        The most the marked slices may take of the draws together.
+
+    Returns
+    -------
+    ndarray or None
+        Probabilities summing to 1 (marked slices share ``empty_share`` evenly,
+        painted ones the rest), or None when equal draws already keep the
+        marked slices within their share.
+    """
+    n, n_empty = is_empty.size, int(np.count_nonzero(is_empty))
+    if n_empty in (0, n) or n_empty <= empty_share * n:
+        return None
+    return np.where(is_empty, empty_share / n_empty, (1 - empty_share) / (n - n_empty))
+
+
 def _painted_slices(data: _Prepared) -> list[int]:
     """Slices of the scan with painted labels (training and held out), without the empty ones."""
     return [int(i) for i in np.setdiff1d(np.union1d(data.labelled, data.held_out), data.empty)]
@@ -819,18 +854,27 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         return path
 
     def sample_labelled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if data.extra_labelled:
+        is_empty = np.concatenate(
+            [np.isin(labelled_pool, data.empty), np.zeros(len(data.extra_labelled), bool)]
+        )
+        weights = labelled_draw_probabilities(is_empty, settings.empty_share)
+        if weights is not None:
+            picks = rng.choice(is_empty.size, size=n, p=weights)
+        elif data.extra_labelled:
             picks = rng.integers(0, len(labelled_pool) + len(data.extra_labelled), size=n)
+        else:
+            picks = None
+        if picks is not None:
             xs, ys = [], []
-            for p in picks:
-                if p < len(labelled_pool):
-                    s, i, y = 0, int(labelled_pool[p]), data.labels_by_slice[int(labelled_pool[p])]
+            for k in picks:
+                if k < len(labelled_pool):
+                    s, i, y = 0, int(labelled_pool[k]), data.labels_by_slice[int(labelled_pool[k])]
                 else:
-                    s, i, y = data.extra_labelled[p - len(labelled_pool)]
+                    s, i, y = data.extra_labelled[k - len(labelled_pool)]
                 xs.append(data.stacks[s].windows(torch.tensor([i]), in_slices))
                 ys.append(y)
             return torch.cat(xs), torch.stack(ys)
-        centres = rng.choice(labelled_pool, size=n)
+        centres = rng.choice(labelled_pool, size=n)  # the draws of runs without a cap
         x = main.windows(torch.from_numpy(centres), in_slices)
         y = torch.stack([data.labels_by_slice[int(c)] for c in centres])
         return x, y
