@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 import tempfile
 import time
@@ -175,6 +176,17 @@ def check_not_pretrained_on(encoder: Path, scan: Path) -> None:
         )
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def annotation_efficiency(
     encoders: list[Path],
     ks: list[int],
@@ -212,6 +224,8 @@ def annotation_efficiency(
                     key["volume"] = volume
                 if device != "cpu":  # rows without "device" ran on the CPU
                     key["device"] = device
+                else:  # a CPU seed reproduces only on the same processor (rows before 2026-11-23 lack it)
+                    key["cpu"] = cpu_model()
                 if empty:  # rows without it had only the k painted slices
                     key["empty_slices"] = empty
                 if encoder is not None and encoder_frozen_for:  # a random start has none to freeze
@@ -225,6 +239,7 @@ def annotation_efficiency(
                     and r.get("encoder_frozen_for", 0.0) == key.get("encoder_frozen_for", 0.0)
                     and r.get("empty_slices", []) == empty
                     and r.get("empty_share", 1.0) == key.get("empty_share", 1.0)
+                    and r.get("cpu") == key.get("cpu")
                     for r in done
                 ):
                     continue
