@@ -63,7 +63,7 @@ from napari_fewlabel.models.checkpoint import read_card
 from napari_fewlabel.models.registry import SHIPPED_MODEL_DIR
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train.events import Done
-from napari_fewlabel.train.finetune import DEFAULT_STEPS
+from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneSettings
 from napari_fewlabel.train.pretrain import PretrainJob, PretrainSettings, run
 
 #: Where scripts/fetch_test_data.sh puts the pyradiomics scans.
@@ -200,12 +200,13 @@ def annotation_efficiency(
     encoder_frozen_for: float = 0.0,
     mark_empty: bool = False,
     empty_share: float = 1.0,
+    random_init: bool = True,
 ) -> None:
     image, truth, class_names = evaluation_volume(volume)
     if volume in TARGET_SCANS:
         for encoder in encoders:
             check_not_pretrained_on(encoder, TARGET_SCANS[volume])
-    starts: list[tuple[str, str | None]] = [("random init", None)]
+    starts: list[tuple[str, str | None]] = [("random init", None)] if random_init else []
     starts += [(p.stem, str(p)) for p in encoders]
     if monai:  # the yardstick: a plain MONAI UNet of the same size on the same slices
         starts.append((MONAI, None))
@@ -230,7 +231,7 @@ def annotation_efficiency(
                     key["empty_slices"] = empty
                 if encoder is not None and encoder_frozen_for:  # a random start has none to freeze
                     key["encoder_frozen_for"] = encoder_frozen_for
-                if empty and empty_share < 1:  # rows without it drew every given slice equally
+                if empty and empty_share != 1:  # rows without it drew every given slice equally
                     key["empty_share"] = empty_share
                 if any(
                     all(r.get(f) == v for f, v in key.items())
@@ -276,7 +277,7 @@ def annotation_efficiency(
                     ),
                     "train_seconds": summary.get("train_seconds"),
                     "started_from": model.card.training.get("started_from"),
-                    # A CPU seed reproduces only at the same thread count.
+                    # A CPU seed reproduces only at the same thread count (and processor).
                     "torch_threads": torch.get_num_threads(),
                 }
                 if encoder is not None:
@@ -380,9 +381,14 @@ def main() -> None:
     parser.add_argument(
         "--empty-share",
         type=float,
-        default=1.0,
+        default=FinetuneSettings().empty_share,
         help="FinetuneSettings.empty_share with --mark-empty: the most the marked slices take "
-        "of the labelled draws (1 = every given slice equally); rows record it below 1",
+        "of the labelled draws (1 = every given slice equally, as before 2026-11-23); rows record it unless 1",
+    )
+    parser.add_argument(
+        "--no-random-init",
+        action="store_true",
+        help="leave out the random-init rows (e.g. when another process runs them)",
     )
     args = parser.parse_args()
     done: list[dict[str, Any]] = []
@@ -402,6 +408,7 @@ def main() -> None:
             args.encoder_frozen_for,
             args.mark_empty,
             args.empty_share,
+            not args.no_random_init,
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)
