@@ -852,31 +852,32 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         network.train()
         return path
 
-    def sample_labelled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_weights(pool: np.ndarray) -> np.ndarray | None:
+        """Draw probabilities over ``pool`` then the extra labelled slices (None: equal)."""
         is_empty = np.concatenate(
-            [np.isin(labelled_pool, data.empty), np.zeros(len(data.extra_labelled), bool)]
+            [np.isin(pool, data.empty), np.zeros(len(data.extra_labelled), bool)]
         )
-        weights = labelled_draw_probabilities(is_empty, settings.empty_share)
-        if weights is not None:
-            picks = rng.choice(is_empty.size, size=n, p=weights)
-        elif data.extra_labelled:
-            picks = rng.integers(0, len(labelled_pool) + len(data.extra_labelled), size=n)
-        else:
-            picks = None
-        if picks is not None:
-            xs, ys = [], []
-            for k in picks:
-                if k < len(labelled_pool):
-                    s, i, y = 0, int(labelled_pool[k]), data.labels_by_slice[int(labelled_pool[k])]
-                else:
-                    s, i, y = data.extra_labelled[k - len(labelled_pool)]
-                xs.append(data.stacks[s].windows(torch.tensor([i]), in_slices))
-                ys.append(y)
-            return torch.cat(xs), torch.stack(ys)
-        centres = rng.choice(labelled_pool, size=n)  # the draws of runs without a cap
-        x = main.windows(torch.from_numpy(centres), in_slices)
-        y = torch.stack([data.labels_by_slice[int(c)] for c in centres])
-        return x, y
+        return labelled_draw_probabilities(is_empty, settings.empty_share)
+
+    weights = draw_weights(labelled_pool)  # again when held-out slices rejoin
+
+    def sample_labelled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Without weights this is the stream of rng.choice(labelled_pool), as before the cap.
+        picks = rng.choice(len(labelled_pool) + len(data.extra_labelled), size=n, p=weights)
+        if (picks < len(labelled_pool)).all():  # all from the scan: one batched read
+            centres = labelled_pool[picks]
+            x = main.windows(torch.from_numpy(centres), in_slices)
+            y = torch.stack([data.labels_by_slice[int(c)] for c in centres])
+            return x, y
+        xs, ys = [], []
+        for k in picks:
+            if k < len(labelled_pool):
+                s, i, y = 0, int(labelled_pool[k]), data.labels_by_slice[int(labelled_pool[k])]
+            else:
+                s, i, y = data.extra_labelled[k - len(labelled_pool)]
+            xs.append(data.stacks[s].windows(torch.tensor([i]), in_slices))
+            ys.append(y)
+        return torch.cat(xs), torch.stack(ys)
 
     def sample_unlabelled(n: int) -> torch.Tensor:
         picks = rng.integers(0, len(data.unlabelled_pool), size=n)
@@ -1009,6 +1010,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             and progress_at(step) >= settings.validation_rejoin_at
         ):
             labelled_pool = np.union1d(labelled_pool, held_out)
+            weights = draw_weights(labelled_pool)
             held_out = np.array([], dtype=np.int64)
             rejoined = True
             yield Notice("The held-out validation slices now join training for the last steps.")
