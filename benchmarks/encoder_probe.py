@@ -45,6 +45,7 @@ from annotation_efficiency import dice_on_unlabelled, evenly_spread
 from pretraining import (
     TARGET_SCANS,
     VOLUMES,
+    _append,
     check_not_pretrained_on,
     cpu_model,
     empty_either_side,
@@ -251,9 +252,7 @@ def main() -> None:
                 "cpu": cpu_model(),
                 "torch": torch.__version__,
             }
-            with args.results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            _append(args.results, row)
             rows.append(row)
     json.dump({"volume": VOLUMES[args.volume], "rows": rows}, sys.stdout, indent=1)
     print()
