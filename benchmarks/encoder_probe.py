@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,11 +74,10 @@ def encoder_network(encoder: Path | None, num_classes: int, seed: int) -> TwoStr
     """
     torch.manual_seed(seed)
     config = UNetConfig(num_classes=num_classes)
-    if encoder is not None:
-        arch = dict(read_card(encoder).architecture)
-        arch.pop("encoder_only", None)
-        arch["num_classes"] = num_classes
-        config = UNetConfig.from_dict(arch)
+    if encoder is not None:  # as fine-tuning does: the card's network, this target's classes
+        config = replace(
+            UNetConfig.from_dict(read_card(encoder).architecture), num_classes=num_classes
+        )
     network = TwoStreamUNet(config)
     if encoder is not None:
         load_encoder_weights(network, encoder)
