@@ -166,8 +166,16 @@ def empty_either_side(truth: np.ndarray) -> list[int]:
 
 
 def check_not_pretrained_on(encoder: Path, scan: Path) -> None:
-    """Refuse an encoder whose model card lists ``scan`` among its pretraining data."""
-    scans = read_card(encoder).training.get("data", {}).get("scans", [])
+    """Refuse an encoder whose model card lists ``scan`` among its pretraining data.
+
+    That includes the data of the encoders it continued from (``fewlabel pretrain --init``).
+    """
+    training = read_card(encoder).training
+    scans = list(training.get("data", {}).get("scans", []))
+    earlier = training.get("continued_from")
+    while earlier:
+        scans += earlier.get("scans", [])
+        earlier = earlier.get("continued_from")
     if any(Path(s["path"]).name == scan.name for s in scans):
         raise SystemExit(
             f"{encoder} was pretrained on {scan.name}, the scan this target evaluates on. "
@@ -201,9 +209,10 @@ def annotation_efficiency(
     mark_empty: bool = False,
     empty_share: float = 1.0,
     random_init: bool = True,
+    encoder_saw_target: bool = False,
 ) -> None:
     image, truth, class_names = evaluation_volume(volume)
-    if volume in TARGET_SCANS:
+    if volume in TARGET_SCANS and not encoder_saw_target:
         for encoder in encoders:
             check_not_pretrained_on(encoder, TARGET_SCANS[volume])
     starts: list[tuple[str, str | None]] = [("random init", None)] if random_init else []
@@ -233,6 +242,8 @@ def annotation_efficiency(
                     key["encoder_frozen_for"] = encoder_frozen_for
                 if empty and empty_share != 1:  # rows without it drew every given slice equally
                     key["empty_share"] = empty_share
+                if encoder is not None and encoder_saw_target:  # its pixels, never its labels
+                    key["encoder_saw_target"] = True
                 if any(
                     all(r.get(f) == v for f, v in key.items())
                     and r.get("volume", "mni") == volume
@@ -241,6 +252,7 @@ def annotation_efficiency(
                     and r.get("empty_slices", []) == empty
                     and r.get("empty_share", 1.0) == key.get("empty_share", 1.0)
                     and r.get("cpu") == key.get("cpu")
+                    and r.get("encoder_saw_target", False) == key.get("encoder_saw_target", False)
                     for r in done
                 ):
                     continue
@@ -390,6 +402,12 @@ def main() -> None:
         action="store_true",
         help="leave out the random-init rows (e.g. when another process runs them)",
     )
+    parser.add_argument(
+        "--encoder-saw-target",
+        action="store_true",
+        help="allow encoders pretrained on the target scan's unlabelled pixels (never its "
+        "labels), as IDEAL pretrains on the target data set; rows record encoder_saw_target",
+    )
     args = parser.parse_args()
     done: list[dict[str, Any]] = []
     if args.results.exists():
@@ -409,6 +427,7 @@ def main() -> None:
             args.mark_empty,
             args.empty_share,
             not args.no_random_init,
+            args.encoder_saw_target,
         )
     if "pretrain" not in args.skip:
         collapse_and_throughput(args.pretrain_steps, args.device, 0, args.results, done)

@@ -54,12 +54,22 @@ def test_pretrain_writes_encoder_and_state_and_resumes(
     assert "Resuming from enc.safetensors at step 2" in captured.err
     assert read_card(out).training["steps_done"] == 3
 
+    # Continued pretraining: a new run from that encoder's weights.
+    more = tmp_path / "more.safetensors"
+    args[args.index(str(out))] = str(more)
+    assert main([*args, "--steps", "1", "--init", str(out)]) == 0
+    assert "Starting from the encoder enc.safetensors" in capsys.readouterr().err
+    training = read_card(more).training
+    assert training["steps_done"] == 1 and training["continued_from"]["steps_done"] == 3
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--out", "enc.pt"], "safetensors"),
         (["--out", "enc.safetensors", "--steps", "0"], "at least 1"),
+        (["--out", "enc.safetensors", "--init", "no-such-encoder"], "No model file or named"),
+        (["--out", "enc.safetensors", "--method", "drasclr", "--init", "x"], "--init is for"),
     ],
 )
 def test_user_errors_exit_2_with_a_sentence(scan_folder, tmp_path, capsys, args, message):

@@ -557,6 +557,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="slices per step and process")
     p.add_argument("--checkpoint-every", type=int, default=100, metavar="STEPS")
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an earlier run")
+    p.add_argument(
+        "--init",
+        metavar="ENCODER",
+        help="(ideal, medmoco) start from this encoder's weights, a file or a registry name such "
+        "as ideal-encoder, with fresh heads: continued pretraining on DATA",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, help="InfoNCE temperature")
@@ -584,6 +590,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     if args.method == "drasclr":
+        if args.init is not None:
+            raise FewLabelError("--init is for --method ideal or medmoco, not drasclr.")
         return _cmd_pretrain_drasclr(args)
     if args.patch_size is not None or args.patch_spacing is not None:
         raise FewLabelError("--patch-size and --patch-spacing are for --method drasclr.")
@@ -618,6 +626,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         resume_from=args.resume,
+        init_from=args.init,
         slice_size=args.slice_size,
         half=args.half,
         num_workers=args.workers,

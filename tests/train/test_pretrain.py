@@ -140,6 +140,71 @@ def test_resume_refuses_another_method(scans, tmp_path):
         list(run(_job(scans, tmp_path, method="medmoco", resume_from=done.checkpoint)))
 
 
+def test_continued_pretraining_starts_from_the_encoder_and_records_its_data(scans, tmp_path):
+    first = list(run(_job(scans[:1], tmp_path, out=tmp_path / "a.safetensors", steps=2)))[
+        -1
+    ].checkpoint
+    # Zero steps: the encoder written is the one started from, bit for bit.
+    same = list(
+        run(
+            _job(
+                scans[1:],
+                tmp_path,
+                out=tmp_path / "b.safetensors",
+                steps=1,
+                time_budget_s=0.0,
+                init_from=first,
+            )
+        )
+    )
+    assert any(isinstance(e, Notice) and first.name in e.message for e in same)
+    start, kept = read_model_tensors(first), read_model_tensors(same[-1].checkpoint)
+    assert all(torch.equal(start[name], kept[name]) for name in start)
+
+    events = list(
+        run(_job(scans[1:], tmp_path, out=tmp_path / "c.safetensors", steps=2, init_from=first))
+    )
+    done = events[-1]
+    assert isinstance(done, Done) and not done.cancelled
+    moved = read_model_tensors(done.checkpoint)
+    assert not torch.equal(start["encoder.stem.0.weight"], moved["encoder.stem.0.weight"])
+    training = read_card(done.checkpoint).training
+    assert training["steps_done"] == 2
+    assert [s["path"] for s in training["data"]["scans"]] == [str(scans[1])]
+    earlier = training["continued_from"]
+    assert earlier["encoder"] == first.name and earlier["steps_done"] == 2
+    assert [s["path"] for s in earlier["scans"]] == [str(scans[0])]
+
+
+def test_continued_pretraining_refuses_another_architecture_and_a_resume(scans, tmp_path):
+    first = list(run(_job(scans, tmp_path, out=tmp_path / "a.safetensors", steps=1)))[-1].checkpoint
+    wider = replace(TINY_NET, widths=(8, 16, 64))
+    with pytest.raises(FewLabelError, match=r"another architecture.*widths"):
+        list(
+            run(
+                _job(
+                    scans,
+                    tmp_path,
+                    out=tmp_path / "b.safetensors",
+                    architecture=wider,
+                    init_from=first,
+                )
+            )
+        )
+    with pytest.raises(FewLabelError, match="not both"):
+        list(
+            run(
+                _job(
+                    scans,
+                    tmp_path,
+                    out=tmp_path / "c.safetensors",
+                    init_from=first,
+                    resume_from=first,
+                )
+            )
+        )
+
+
 def test_half_precision_storage_halves_the_file_and_loads_as_float32(scans, tmp_path):
     done = list(run(_job(scans, tmp_path, steps=1, half=True)))[-1]
     full = read_model_tensors(state_path(done.checkpoint))

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -429,11 +429,19 @@ def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
 
 
-def load_encoder_weights(network: TwoStreamUNet, path: str | os.PathLike[str]) -> Sequence[str]:
+class HasEncoder(Protocol):
+    """A network with an ``encoder`` module (fine-tuning's or pretraining's)."""
+
+    @property
+    def encoder(self) -> torch.nn.Module: ...
+
+
+def load_encoder_weights(network: HasEncoder, path: str | os.PathLike[str]) -> Sequence[str]:
     """Copy the encoder tensors of a checkpoint into ``network``; return the names copied.
 
     Used to start fine-tuning from a pretrained encoder or from another model
-    whose classes differ. Shapes must match (same widths and ``in_slices``).
+    whose classes differ, and to continue pretraining from an encoder. Shapes
+    must match (same widths and ``in_slices``).
     """
     path = Path(path)
     check_not_pickle(path)

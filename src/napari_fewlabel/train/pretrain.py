@@ -51,7 +51,10 @@ Checkpoints
 MB) and ``<out stem>.state.safetensors`` the training state (query and key
 networks with heads, queue, optimizer, step count), both rewritten
 atomically every ``checkpoint_every`` steps and at the end; ``resume_from``
-(either file) continues from the state.
+(either file) continues from the state. ``init_from`` starts a new run from
+another encoder's weights (a shipped one, say) with fresh heads: continued
+pretraining on one's own scans, which the card records with the earlier
+encoder's data.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ from napari_fewlabel.models.checkpoint import (
     ENCODER_ONLY_KEY,
     ModelCard,
     check_output_path,
+    load_encoder_weights,
     load_optimizer_state,
     read_card,
     read_model_tensors,
@@ -94,6 +98,7 @@ from napari_fewlabel.models.checkpoint import (
     state_path,
 )
 from napari_fewlabel.models.heads import MLPHead, hypercolumn, level_channels
+from napari_fewlabel.models.registry import resolve_model
 from napari_fewlabel.models.unet2d import DenseProjectionHead, Encoder, UNetConfig
 from napari_fewlabel.train.collapse import effective_rank
 from napari_fewlabel.train.device import (
@@ -314,6 +319,10 @@ class PretrainJob:
         Steps between checkpoints.
     resume_from : Path, optional
         An earlier run's encoder or state file to continue from.
+    init_from : Path or str, optional
+        An encoder (file or registry name) whose weights start this run, with
+        fresh heads, optimizer and step count: continued (domain-adaptive)
+        pretraining. Not together with ``resume_from``.
     slice_size : int
         Side slices are fitted to before the views are cut from them.
     ct_window_hu : tuple of float
@@ -340,6 +349,7 @@ class PretrainJob:
     seed: int = 0
     checkpoint_every: int = 100
     resume_from: Path | None = None
+    init_from: Path | str | None = None
     slice_size: int = 256
     ct_window_hu: tuple[float, float] = (-300.0, 400.0)
     cache_scans: int = 8
@@ -450,6 +460,10 @@ def run(job: PretrainJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             f"The view size {job.settings.views.size} must be a multiple of "
             f"{job.architecture.size_divisor} on each side."
         )
+    if job.init_from is not None and job.resume_from is not None:
+        raise FewLabelError(
+            "Give either an encoder to start from (--init) or a run to resume (--resume), not both."
+        )
     ranks = init_distributed(job.device)
     try:
         yield from _train(job, out, ranks, cancel)
@@ -501,6 +515,7 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed + 1000 * ranks.rank)
     query = PretrainNetwork(job.architecture, settings)
+    continued_from = None if job.init_from is None else _init_encoder(job, query)
     key = copy.deepcopy(query).requires_grad_(False) if settings.key_encoder == "momentum" else None
     queue = KeyQueue(queue_size, settings.projection_dim)
     optimizer = torch.optim.AdamW(
@@ -525,6 +540,8 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
     if ranks.is_main:
         if step0:
             yield Notice(f"Resuming from {Path(job.resume_from or '').name} at step {step0}.")
+        if continued_from is not None:
+            yield Notice(f"Starting from the encoder {continued_from['encoder']}.")
         queue_text = f", a queue of {queue_size} keys" if settings.global_weight else ""
         yield Notice(
             f"Pretraining ({settings.method}) on {device_text} ({precision.name}) x "
@@ -592,6 +609,7 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
                     train_seconds=train_seconds0 + time.perf_counter() - start,
                     half=job.half,
                 ),
+                **({"continued_from": continued_from} if continued_from else {}),
                 **ranks_figures,
             },
         )
@@ -745,6 +763,32 @@ def _method_text(settings: PretrainSettings) -> str:
         "med-moco: MoCo v2 (momentum encoder, key queue, MLP head) + local region contrast "
         "on the dense map + off-diagonal correlation penalty on the encoder embedding"
     )
+
+
+def _init_encoder(job: PretrainJob, query: PretrainNetwork) -> dict[str, Any]:
+    """Load ``job.init_from``'s encoder into ``query``; return what the card records of it."""
+    assert job.init_from is not None
+    path = resolve_model(job.init_from)
+    card = read_card(path)
+    fields = ("in_slices", "widths", "full_res_width", "norm")
+    theirs = UNetConfig.from_dict(card.architecture).to_dict()
+    ours = job.architecture.to_dict()
+    if any(theirs[f] != ours[f] for f in fields):
+        raise FewLabelError(
+            f"The encoder in {path.name} has another architecture than this run "
+            f"({', '.join(f'{f} {theirs[f]}' for f in fields if theirs[f] != ours[f])}): start "
+            "from an encoder of the fine-tuning network, or leave out --init."
+        )
+    load_encoder_weights(query, path)
+    earlier = card.training
+    return {
+        "encoder": path.name,
+        "method": earlier.get("method"),
+        "steps_done": earlier.get("steps_done"),
+        # Its data and any it continued from: what a benchmark must know the weights saw.
+        "scans": earlier.get("data", {}).get("scans", []),
+        **({"continued_from": earlier["continued_from"]} if "continued_from" in earlier else {}),
+    }
 
 
 def _resume(
