@@ -175,6 +175,13 @@ def test_continued_pretraining_starts_from_the_encoder_and_records_its_data(scan
     assert earlier["encoder"] == first.name and earlier["steps_done"] == 2
     assert [s["path"] for s in earlier["scans"]] == [str(scans[0])]
 
+    # Resuming the continued run keeps the record of what it started from.
+    resumed = list(
+        run(_job(scans[1:], tmp_path, out=done.checkpoint, steps=3, resume_from=done.checkpoint))
+    )
+    training = read_card(resumed[-1].checkpoint).training
+    assert training["steps_done"] == 3 and training["continued_from"] == earlier
+
 
 def test_continued_pretraining_refuses_another_architecture_and_a_resume(scans, tmp_path):
     first = list(run(_job(scans, tmp_path, out=tmp_path / "a.safetensors", steps=1)))[-1].checkpoint

@@ -524,7 +524,7 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
     step0 = 0
     train_seconds0 = 0.0
     if job.resume_from is not None:
-        step0, train_seconds0 = _resume(job, query, key, queue, optimizer)
+        step0, train_seconds0, continued_from = _resume(job, query, key, queue, optimizer)
     query.to(device).train()
     if key is not None:
         key.to(device).train()
@@ -540,7 +540,7 @@ def _train(job: PretrainJob, out: Path, ranks: Ranks, cancel: CancelFlag | None)
     if ranks.is_main:
         if step0:
             yield Notice(f"Resuming from {Path(job.resume_from or '').name} at step {step0}.")
-        if continued_from is not None:
+        if job.init_from is not None and continued_from is not None:
             yield Notice(f"Starting from the encoder {continued_from['encoder']}.")
         queue_text = f", a queue of {queue_size} keys" if settings.global_weight else ""
         yield Notice(
@@ -797,8 +797,12 @@ def _resume(
     key: PretrainNetwork | None,
     queue: KeyQueue,
     optimizer: torch.optim.Optimizer,
-) -> tuple[int, float]:
-    """Load the training state into the fresh objects; return (steps done, seconds trained)."""
+) -> tuple[int, float, dict[str, Any] | None]:
+    """Load the training state into the fresh objects.
+
+    Returns the steps done, the seconds trained and, for a continued run, the
+    card's record of the encoder it started from (kept on every later card).
+    """
     assert job.resume_from is not None
     path = state_path(job.resume_from)
     if not path.is_file():
@@ -835,7 +839,11 @@ def _resume(
     optimizer_state = load_optimizer_state(path)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    return int(card.training.get("steps_done", 0)), float(card.training.get("train_seconds", 0.0))
+    return (
+        int(card.training.get("steps_done", 0)),
+        float(card.training.get("train_seconds", 0.0)),
+        card.training.get("continued_from"),
+    )
 
 
 def with_overrides(settings: PretrainSettings, **changes: Any) -> PretrainSettings:
