@@ -40,7 +40,7 @@ def test_pretrain_writes_encoder_and_state_and_resumes(
     out = tmp_path / "enc.safetensors"
     args = ["pretrain", str(scan_folder), "--method", "medmoco", "--out", str(out),
             "--batch-size", "8", "--view-size", "32", "--slice-size", "64", "--device", "cpu",
-            "--workers", "0", "--half"]  # fmt: skip
+            "--workers", "0", "--half", "--crop-scale", "0.6", "0.9"]  # fmt: skip
     assert main([*args, "--steps", "2"]) == 0
     captured = capsys.readouterr()
     assert "2/2" in captured.err and "effective rank" in captured.err
@@ -48,6 +48,7 @@ def test_pretrain_writes_encoder_and_state_and_resumes(
     card = read_card(out)
     assert is_encoder_only(card) and card.training["storage_dtype"] == "float16"
     assert card.training["settings"]["method"] == "medmoco"
+    assert card.training["settings"]["views"]["crop_scale"] == [0.6, 0.9]
 
     assert main([*args, "--steps", "3", "--resume", str(out)]) == 0
     captured = capsys.readouterr()
@@ -70,6 +71,12 @@ def test_pretrain_writes_encoder_and_state_and_resumes(
         (["--out", "enc.safetensors", "--steps", "0"], "at least 1"),
         (["--out", "enc.safetensors", "--init", "no-such-encoder"], "No model file or named"),
         (["--out", "enc.safetensors", "--method", "drasclr", "--init", "x"], "--init is for"),
+        (["--out", "enc.safetensors", "--crop-scale", "0.8", "0.5"], "0 < LOW <= HIGH <= 1"),
+        (["--out", "enc.safetensors", "--crop-scale", "0.5", "1.5"], "0 < LOW <= HIGH <= 1"),
+        (
+            ["--out", "enc.safetensors", "--method", "drasclr", "--crop-scale", "0.5", "1"],
+            "--crop-scale do(es) not apply",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_a_sentence(scan_folder, tmp_path, capsys, args, message):

@@ -574,6 +574,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--decorrelation", type=float, metavar="WEIGHT", help="decorrelation weight")
     p.add_argument("--view-size", type=int, help="side of the augmented views in pixels")
+    p.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="range of each view's crop side as a fraction of the slice's shorter side, "
+        "0 < LOW <= HIGH <= 1 (default 0.4 1: from 40%% of the slice to all of it)",
+    )
     p.add_argument("--slice-size", type=int, default=256, help="side slices are fitted to")
     p.add_argument("--half", action="store_true", help="store the encoder in float16")
     p.add_argument("--workers", type=int, default=1, help="data-loading processes")
@@ -616,6 +624,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         settings = replace(
             settings, views=replace(settings.views, size=(args.view_size, args.view_size))
         )
+    if args.crop_scale is not None:
+        low, high = args.crop_scale
+        if not 0 < low <= high <= 1:
+            raise FewLabelError(
+                f"--crop-scale {low:g} {high:g}: give two fractions of the slice with "
+                "0 < LOW <= HIGH <= 1, e.g. --crop-scale 0.4 1."
+            )
+        settings = replace(settings, views=replace(settings.views, crop_scale=(low, high)))
     job = PretrainJob(
         data=tuple(args.data),
         out=args.out,
@@ -659,6 +675,7 @@ def _cmd_pretrain_drasclr(args: argparse.Namespace) -> int:
 
     not_for_drasclr = {
         "--view-size": args.view_size,
+        "--crop-scale": args.crop_scale,
         "--decorrelation": args.decorrelation,
         "--slice-size": None if args.slice_size == 256 else args.slice_size,
     }
