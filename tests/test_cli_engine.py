@@ -108,3 +108,48 @@ def test_evaluate_refuses_masks_of_different_scans(scan_files, tmp_path, capsys)
     nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), other)
     assert main(["evaluate", str(other), str(truth)]) == 2
     assert "not on the same grid" in capsys.readouterr().err
+
+
+def test_finetune_takes_the_marks_and_classes_saved_with_the_annotation(
+    scan_files, tmp_path, capsys, monkeypatch
+):
+    """An annotation saved from napari carries its empty slices and class names to the CLI."""
+    from napari_fewlabel.io import MaskInfo
+
+    folder, image, labels, _ = scan_files
+    small = UNetConfig(widths=(8, 16, 32), full_res_width=4)
+    monkeypatch.setattr(
+        finetune, "FinetuneJob", functools.partial(finetune.FinetuneJob, architecture=small)
+    )
+    names = ["background", "LV", "myo", "RV", "LA", "aorta"]
+    info = MaskInfo(
+        classes=tuple({"index": i, "name": n, "color": [i, i, i]} for i, n in enumerate(names)),
+        empty_axis=0,
+        empty_slices=(0, 11),
+    )
+    scan = load_volume(image)
+    annotation = save_labels(
+        load_volume(labels).array, like=scan, path=tmp_path / "annotation.nii.gz", info=info
+    )
+    model = tmp_path / "model.safetensors"
+    args = ["finetune", str(image), str(annotation), "--out", str(model), "--steps", "1",
+            "--device", "cpu"]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "Slices marked empty in annotation.nii.gz (axis 0): 0, 11" in err
+    card = read_card(model)
+    assert card.class_names == tuple(names)
+    assert card.training["data"]["empty_slices"] == [0, 11]
+
+    # Given on the command line, --empty-slices and --classes win over the file.
+    assert main([*args, "--empty-slices", "5", "--classes", "bg,a,b,c,d,e"]) == 0
+    assert "Slices marked empty in" not in capsys.readouterr().err
+    card = read_card(model)
+    assert card.training["data"]["empty_slices"] == [5]
+    assert card.class_names == ("bg", "a", "b", "c", "d", "e")
+
+    # Marks along another axis than --axis: a sentence, exit 2, no model.
+    model.unlink()
+    assert main([*args, "--axis", "1"]) == 2
+    assert "marks slices along axis 0 empty but --axis is 1" in capsys.readouterr().err
+    assert not model.exists()

@@ -39,7 +39,7 @@ from nibabel.orientations import aff2axcodes
 
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io import load_volume, save_labels
+from napari_fewlabel.io import MaskInfo, load_volume, read_mask_info, save_labels
 
 EXIT_USER_ERROR = 2
 
@@ -402,7 +402,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from napari_fewlabel.data.classes import named_classes
+    from napari_fewlabel.data.classes import SegmentationClass, named_classes
     from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, FinetuneSettings, run
 
     settings = {
@@ -417,6 +417,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     classes = None
     if args.classes:
         classes = named_classes([n.strip() for n in args.classes.split(",")])
+    axis, empty_slices = args.axis, tuple(args.empty_slices)
+    saved = read_mask_info(args.labels)  # an annotation saved from napari keeps these
+    if saved is not None:
+        if classes is None and saved.classes:
+            classes = tuple(SegmentationClass.from_dict(c) for c in saved.classes)
+        if not empty_slices and saved.empty_slices:
+            if axis is not None and axis != saved.empty_axis:
+                raise FewLabelError(
+                    f"{args.labels.name} marks slices along axis {saved.empty_axis} empty but "
+                    f"--axis is {axis}: leave out --axis, or give --empty-slices for axis {axis}."
+                )
+            axis, empty_slices = saved.empty_axis, saved.empty_slices
+            print(
+                f"Slices marked empty in {args.labels.name} (axis {axis}): "
+                + ", ".join(map(str, empty_slices))
+                + " (give --empty-slices to use others)",
+                file=sys.stderr,
+            )
     job = FinetuneJob(
         image=image,
         labels=labels,
@@ -424,8 +442,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         classes=classes,
         model=args.model,
         resume_from=args.resume,
-        axis=args.axis,
-        empty_slices=tuple(args.empty_slices),
+        axis=axis,
+        empty_slices=empty_slices,
         steps=args.steps or DEFAULT_STEPS,
         time_budget_s=args.time_budget,
         device=args.device,
@@ -855,7 +873,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         test_time_flips=args.flips,
     )
-    save_labels(labels, like=image, path=args.out)
+    save_labels(labels, like=image, path=args.out, info=MaskInfo.of_classes(model.card.classes))
     counts = np.bincount(labels.ravel(), minlength=len(model.card.classes))
     found = ", ".join(
         f"{c.name} {int(counts[c.index])}" for c in model.card.classes[1:] if counts[c.index]

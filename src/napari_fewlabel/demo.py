@@ -23,7 +23,7 @@ from napari_fewlabel import __version__
 from napari_fewlabel.data.phantoms import CardiacPhantom, cardiac_phantom
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.metrics import class_metrics
-from napari_fewlabel.io import save_image, save_labels
+from napari_fewlabel.io import MaskInfo, save_image, save_labels
 from napari_fewlabel.io.atomic import atomic_path
 from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict
 from napari_fewlabel.train.events import Done, Event, Notice, Progress
@@ -76,7 +76,10 @@ def run_headless(
     case = demo_case()
     image = case.phantom.image
     save_image(image, out_dir / "cardiac_mri_phantom.nii.gz")
-    save_labels(case.annotation, like=image, path=out_dir / "annotation_2_slices.nii.gz")
+    named = MaskInfo.of_classes(case.phantom.classes)
+    save_labels(
+        case.annotation, like=image, path=out_dir / "annotation_2_slices.nii.gz", info=named
+    )
     job_kwargs: dict[str, Any] = {"steps": steps} if steps else {}
     job = FinetuneJob(
         image=image,
@@ -101,7 +104,9 @@ def run_headless(
             ready = event
     if done is None or ready is None:
         raise FewLabelError("The demo produced no prediction: see the messages above.")
-    mask_path = save_labels(ready.labels, like=image, path=out_dir / "prediction.nii.gz")
+    mask_path = save_labels(
+        ready.labels, like=image, path=out_dir / "prediction.nii.gz", info=named
+    )
     truth = case.phantom.labels.array
     unlabelled = [z for z in range(truth.shape[0]) if z not in case.labelled_slices]
     metrics = class_metrics(

@@ -165,3 +165,43 @@ def test_image_layer_saves_as_nifti(make_napari_viewer, tmp_path):
     saved = nib.load(out)
     assert np.allclose(saved.affine, original.affine, atol=1e-4)
     assert np.array_equal(np.asarray(saved.dataobj), np.asarray(original.dataobj))
+
+
+def test_a_mask_from_another_tool_opens_as_labels_on_its_scan(make_napari_viewer):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(real_data.lung1_image(), plugin=PLUGIN)
+    (mask,) = viewer.open(real_data.lung1_label(), plugin=PLUGIN)
+    assert image._type_string == "image" and mask._type_string == "labels"
+    assert mask.data.shape == image.data.shape
+    np.testing.assert_allclose(mask.scale, image.scale)
+    np.testing.assert_allclose(mask.translate, image.translate)
+    assert np.asarray(mask.data).any()
+
+
+def test_file_save_keeps_the_marks_and_classes_for_the_next_open(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(real_data.nibabel_anatomical(), plugin=PLUGIN)
+    classes = [
+        {"index": 0, "name": "background", "color": [0, 0, 0]},
+        {"index": 1, "name": "ventricle", "color": [0, 130, 200]},
+    ]
+    metadata = {
+        **image.metadata,
+        "fewlabel_classes": classes,
+        "fewlabel_empty_slices": {"axis": 0, "slices": [2, 5]},
+    }
+    labels = viewer.add_labels(
+        np.zeros(image.data.shape, np.uint8),
+        scale=image.scale,
+        translate=image.translate,
+        metadata=metadata,
+    )
+    labels.data[10, 20:24, 20:24] = 1
+    out = tmp_path / "mask.nii.gz"
+    labels.save(str(out), plugin=PLUGIN)
+
+    (reopened,) = viewer.open(out, plugin=PLUGIN)
+    assert reopened._type_string == "labels"
+    assert reopened.metadata["fewlabel_empty_slices"] == {"axis": 0, "slices": [2, 5]}
+    assert reopened.metadata["fewlabel_classes"] == classes
+    assert tuple(reopened.colormap.map(1)[:3]) == pytest.approx((0, 130 / 255, 200 / 255))

@@ -318,3 +318,58 @@ def test_marking_slices_empty_reaches_the_job(widget_with_scan, small_phantom):
         "Slice(s) 3 along z (axial) are marked empty but have painted" in m for m in messages
     )
     assert not widget.runner.is_running
+
+
+def test_a_saved_annotation_reopens_with_its_classes_and_marks(make_napari_viewer, tmp_path):
+    """Save annotation -> close the layer -> File > Open: the same layer, classes and marks."""
+    import real_data
+    from napari_fewlabel.data.presets import CLASS_PRESETS, CUSTOM
+
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(real_data.itk_t1(), plugin=PLUGIN)
+    widget = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    try:
+        widget.preset_combo.setCurrentText(CUSTOM)
+        widget.custom_names.setText("tumour, oedema")
+        annotation = widget.new_annotation_layer()
+        annotation.data[10, 20:30, 20:30] = 1
+        annotation.data[12, 5:9, 5:9] = 2
+        annotation.events.data()
+        viewer.dims.set_current_step(0, 3)
+        assert widget.toggle_empty_slice()
+        painted = np.array(annotation.data)
+        out = tmp_path / "annotation.nii.gz"
+        messages = notifications(lambda: widget.save_annotation(out))
+        assert any("Annotation saved to" in m for m in messages)
+
+        viewer.layers.remove(annotation)
+        widget.preset_combo.setCurrentText(next(iter(CLASS_PRESETS)))  # forget the classes
+        (reopened,) = viewer.open(out, plugin=PLUGIN)
+
+        assert reopened._type_string == "labels"
+        assert reopened.name == "annotation"
+        assert np.array_equal(np.asarray(reopened.data), painted)
+        np.testing.assert_allclose(reopened.scale, image.scale)
+        np.testing.assert_allclose(reopened.translate, image.translate)
+        assert reopened.metadata["fewlabel_empty_slices"] == {"axis": 0, "slices": [3]}
+        assert widget.selected_labels() is reopened
+        assert widget.custom_names.text() == "tumour, oedema"
+        assert "marked empty: 3" in widget.slice_count.text()
+        job = widget._build_job()
+        assert job.empty_slices == (3,) and job.axis == 0
+        assert [c.name for c in job.classes] == ["background", "tumour", "oedema"]
+    finally:
+        widget.runner.shutdown()
+
+
+def test_saving_an_annotation_without_a_layer_or_on_a_bad_path_notifies(
+    widget_with_scan, small_phantom, tmp_path
+):
+    _, widget = widget_with_scan
+    messages = notifications(lambda: widget.save_annotation(tmp_path / "a.nii.gz"))
+    assert any("No annotation layer to save" in m for m in messages)
+    widget.new_annotation_layer()
+    messages = notifications(lambda: widget.save_annotation(tmp_path / "a.png"))
+    assert any("give a name ending in .nii.gz" in m for m in messages)
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from napari_fewlabel.io.load import SUPPORTED, load_volume
+from napari_fewlabel.io.mask_info import MaskInfo, looks_like_mask, read_mask_info
 from napari_fewlabel.io.save import save_image, save_labels, smallest_label_dtype
 from napari_fewlabel.io.volume import (
     DISPLAY_AXCODES,
@@ -23,10 +24,13 @@ __all__ = [
     "METADATA_KEY",
     "SUPPORTED",
     "FileGrid",
+    "MaskInfo",
     "Modality",
     "Volume",
     "guess_modality",
     "load_volume",
+    "looks_like_mask",
+    "read_mask_info",
     "save_image",
     "save_labels",
     "smallest_label_dtype",

@@ -8,6 +8,7 @@ sform with their codes, so a mask lands on the scan in any viewer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,20 @@ def read_nifti(path: Path) -> Volume:
     )
 
 
-def write_nifti(file_array: np.ndarray, like: Volume, path: Path, *, is_label: bool) -> None:
+def write_nifti(
+    file_array: np.ndarray,
+    like: Volume,
+    path: Path,
+    *,
+    is_label: bool,
+    extensions: Sequence[nib.nifti1.Nifti1Extension] = (),
+) -> None:
     """Write an array already in the file's voxel order with ``like``'s header geometry."""
     grid = like.grid
     img = nib.Nifti1Image(file_array, grid.affine)
     hdr = img.header
+    for extension in extensions:
+        hdr.extensions.append(extension)
     # Copy the source's transforms and codes verbatim; a code of 0 means "unset".
     img.set_qform(grid.qform if grid.qform is not None else grid.affine, code=grid.qform_code)
     img.set_sform(grid.sform if grid.sform is not None else grid.affine, code=grid.sform_code)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.mask_info import MaskInfo, nifti_extension
 from napari_fewlabel.io.nifti import is_nifti_path, write_nifti
 from napari_fewlabel.io.volume import Volume
 
@@ -19,13 +20,17 @@ def smallest_label_dtype(max_label: int) -> np.dtype:
     raise FewLabelError(f"Label value {max_label} is too large to save: use values below 2**32.")
 
 
-def save_labels(labels: np.ndarray, *, like: Volume, path: str | Path) -> Path:
+def save_labels(
+    labels: np.ndarray, *, like: Volume, path: str | Path, info: MaskInfo | None = None
+) -> Path:
     """Write a label map ``(z, y, x)`` drawn on ``like`` as NIfTI on ``like``'s file grid.
 
     The mask is written in the source file's voxel order with its qform/sform,
     so it opens on top of the scan in ITK-SNAP, 3D Slicer or FSLeyes. The
-    smallest unsigned integer type that fits is used. The file appears at
-    ``path`` complete or not at all.
+    smallest unsigned integer type that fits is used. ``info`` (class names
+    and colours, slices marked empty) goes into a header extension that our
+    reader gives back (:mod:`~napari_fewlabel.io.mask_info`). The file appears
+    at ``path`` complete or not at all.
 
     Raises
     ------
@@ -56,8 +61,13 @@ def save_labels(labels: np.ndarray, *, like: Volume, path: str | Path) -> Path:
             f"The labels contain negative values ({lo}): use 0 for background and "
             "1, 2, ... for classes."
         )
+    extensions = []
+    if info is not None and not info.is_empty:
+        info.check_fits(labels.shape)
+        extensions.append(nifti_extension(info))
     dtype = smallest_label_dtype(int(labels.max(initial=0)))
-    write_nifti(like.to_file_grid(labels.astype(dtype, copy=False)), like, path, is_label=True)
+    file_array = like.to_file_grid(labels.astype(dtype, copy=False))
+    write_nifti(file_array, like, path, is_label=True, extensions=extensions)
     return path
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io import METADATA_KEY, Volume
+from napari_fewlabel.io import METADATA_KEY, MaskInfo, Volume
 
 if TYPE_CHECKING:
     import napari
@@ -55,6 +55,37 @@ def labels_layer_data(
     if colors:
         kwargs["colormap"] = _label_colormap(colors)
     return (labels, kwargs, "labels")
+
+
+def mask_layer_data(
+    mask: Volume, name: str, info: MaskInfo | None
+) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A LayerDataTuple for a mask file: a Labels layer with its classes and marks restored."""
+    info = info or MaskInfo()
+    colors = {int(c["index"]): np.array(c["color"]) / 255 for c in info.classes[1:]}
+    data, kwargs, kind = labels_layer_data(mask.array, mask, name, colors=colors or None)
+    kwargs["metadata"].update(mask_metadata(info))
+    return data, kwargs, kind
+
+
+def mask_metadata(info: MaskInfo) -> dict[str, Any]:
+    """The layer.metadata entries that hold ``info`` (what :func:`mask_info_of` reads)."""
+    out: dict[str, Any] = {}
+    if info.classes:
+        out[CLASSES_KEY] = [dict(c) for c in info.classes]
+    if info.empty_slices:
+        out[EMPTY_SLICES_KEY] = {"axis": info.empty_axis, "slices": list(info.empty_slices)}
+    return out
+
+
+def mask_info_of(metadata: Mapping[str, Any]) -> MaskInfo:
+    """Classes and empty-slice marks a Labels layer's metadata holds, to save with the mask."""
+    marks = metadata.get(EMPTY_SLICES_KEY) or {}
+    return MaskInfo(
+        classes=tuple(metadata.get(CLASSES_KEY) or ()),
+        empty_axis=int(marks.get("axis", 0)),
+        empty_slices=tuple(int(i) for i in marks.get("slices", ())),
+    )
 
 
 def show_prediction(

@@ -1,4 +1,9 @@
-"""npe2 reader: NIfTI, NRRD, MetaImage, InVesalius and DICOM series -> an Image layer.
+"""npe2 reader: NIfTI, NRRD, MetaImage, InVesalius and DICOM series -> an Image or Labels layer.
+
+A mask (a file that says it holds labels, or integers with a handful of
+values: see ``io/mask_info.py``) opens as a Labels layer on the same grid as
+its scan; one saved by this plugin brings back its classes and the slices
+marked empty, so a saved annotation can be reopened and trained on.
 
 Display orientation (see ``io/volume.py``): axis 0 inferior->superior, axis 1
 anterior->posterior, axis 2 right->left, so axial slices appear in the
@@ -14,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io import load_volume
+from napari_fewlabel.io import load_volume, looks_like_mask, read_mask_info
 from napari_fewlabel.io.dicom import folder_has_dicom, looks_like_dicom
 from napari_fewlabel.io.invesalius import is_invesalius_path
 from napari_fewlabel.io.itk import is_itk_path
 from napari_fewlabel.io.nifti import is_nifti_path
-from napari_fewlabel.napari._layers import image_layer_data
+from napari_fewlabel.napari._layers import image_layer_data, mask_layer_data
 
 LayerData = list[tuple[Any, ...]]
 
@@ -61,4 +66,6 @@ def read_scan(path: str | list[str]) -> LayerData:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
+    if looks_like_mask(volume, target):
+        return [mask_layer_data(volume, name, read_mask_info(target))]
     return [image_layer_data(volume, name)]

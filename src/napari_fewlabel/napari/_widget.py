@@ -54,6 +54,7 @@ from napari_fewlabel.napari._layers import (
     PREDICTION_KEY,
     labels_layer_data,
     layer_meta,
+    mask_info_of,
     show_prediction,
     volume_from_layer,
 )
@@ -140,12 +141,19 @@ class FinetuneWidget(JobWidget):
             "Press again on a marked slice to unmark it."
         )
         self.empty_button.clicked.connect(self.toggle_empty_slice)
+        self.save_annotation_button = QPushButton("Save annotation...")
+        self.save_annotation_button.setToolTip(
+            "Save the annotation layer as NIfTI on the scan's grid, with its class names and "
+            "the slices marked empty; File > Open brings it back as it was."
+        )
+        self.save_annotation_button.clicked.connect(self._ask_save_annotation)
         form.addRow("Classes", self.preset_combo)
         form.addRow("", self.custom_names)
         form.addRow("Labels", self.labels_combo)
         form.addRow("", self.new_labels_button)
         form.addRow("Labelled", self.slice_count)
         form.addRow("", self.empty_button)
+        form.addRow("", self.save_annotation_button)
         return box
 
     def _build_model_box(self) -> QGroupBox:
@@ -634,6 +642,41 @@ class FinetuneWidget(JobWidget):
         show_info(f"Model saved to {path}")
         return path
 
+    def _ask_save_annotation(self) -> None:
+        labels = self.selected_labels()
+        default = f"{labels.name}.nii.gz" if labels is not None else "annotation.nii.gz"
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Save annotation", default, "NIfTI (*.nii.gz *.nii)"
+        )
+        if path:
+            self.save_annotation(Path(path))
+
+    def save_annotation(self, path: Path) -> Path | None:
+        """Write the annotation layer as NIfTI on the scan's grid, with classes and marks.
+
+        The classes are those chosen in the widget (what training would use);
+        reopening the file (File > Open) gives back the layer, its classes and
+        the slices marked empty.
+        """
+        from dataclasses import replace
+
+        labels = self.selected_labels()
+        if labels is None:
+            show_error("No annotation layer to save: press 'New annotation layer' and paint.")
+            return None
+        data = np.asarray(labels.data)
+        classes = self.current_classes(max_label=int(data.max(initial=0)))
+        info = replace(mask_info_of(labels.metadata), classes=tuple(c.to_dict() for c in classes))
+        try:
+            like = volume_from_layer(data, layer_meta(labels), what="annotation layer")
+            written = save_labels(data, like=like, path=path, info=info)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return None
+        labels.metadata[CLASSES_KEY] = [dict(c) for c in info.classes]
+        show_info(f"Annotation saved to {written} (File > Open brings it back).")
+        return written
+
     def _ask_export_mask(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
             self, "Export mask", "mask.nii.gz", "NIfTI (*.nii.gz *.nii)"
@@ -648,8 +691,9 @@ class FinetuneWidget(JobWidget):
             show_error("No prediction to export yet: press Start (or Predict with model) first.")
             return None
         try:
-            like = volume_from_layer(np.asarray(layer.data), layer_meta(layer), what="prediction")
-            written = save_labels(np.asarray(layer.data), like=like, path=path)
+            data = np.asarray(layer.data)
+            like = volume_from_layer(data, layer_meta(layer), what="prediction")
+            written = save_labels(data, like=like, path=path, info=mask_info_of(layer.metadata))
         except FewLabelError as exc:
             show_error(str(exc))
             return None
@@ -659,8 +703,8 @@ class FinetuneWidget(JobWidget):
 
 def marked_empty(labels: Labels) -> tuple[int, list[int]]:
     """(axis, slices) an annotation layer has marked empty; ``(0, [])`` when none."""
-    marks = labels.metadata.get(EMPTY_SLICES_KEY) or {}
-    return int(marks.get("axis", 0)), [int(i) for i in marks.get("slices", [])]
+    info = mask_info_of(labels.metadata)
+    return info.empty_axis, list(info.empty_slices)
 
 
 def _listed(slices: list[int], at_most: int = 12) -> str:
