@@ -116,7 +116,7 @@ def test_finetune_takes_the_marks_and_classes_saved_with_the_annotation(
     """An annotation saved from napari carries its empty slices and class names to the CLI."""
     from napari_fewlabel.io import MaskInfo
 
-    folder, image, labels, _ = scan_files
+    _, image, labels, _ = scan_files
     small = UNetConfig(widths=(8, 16, 32), full_res_width=4)
     monkeypatch.setattr(
         finetune, "FinetuneJob", functools.partial(finetune.FinetuneJob, architecture=small)
