@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import real_data
@@ -22,6 +24,26 @@ def test_info_json_on_a_real_ct(capsys):
     assert info["display_orientation"] == "SPL"
     assert info["modality"] == "CT"
     assert info["intensity_range"] == [-1024.0, 3071.0]
+    assert "mask" not in info
+
+
+def test_info_names_a_masks_classes_and_marks(capsys, tmp_path):
+    from napari_fewlabel.io import MaskInfo, load_volume, save_labels
+
+    scan = load_volume(real_data.itk_t1())
+    mask = np.zeros(scan.shape, np.uint8)
+    mask[5, 3:6, 3:6] = 1
+    classes = ({"index": 0, "name": "background", "color": [0, 0, 0]},
+               {"index": 1, "name": "tumour", "color": [255, 0, 0]})  # fmt: skip
+    info = MaskInfo(classes=classes, empty_axis=0, empty_slices=(2, 9))
+    path = save_labels(mask, like=scan, path=tmp_path / "annotation.nii.gz", info=info)
+    assert main(["info", str(path), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["mask"] is True
+    assert shown["classes"] == ["0 background", "1 tumour"]
+    assert shown["marked_empty"] == {"axis": 0, "slices": [2, 9]}
+    assert main(["info", str(real_data.lung1_label())]) == 0  # another tool's mask
+    assert re.search(r"^mask\s+True$", capsys.readouterr().out, re.MULTILINE)
 
 
 def test_info_table_on_a_dicom_folder(capsys, lung1_dicom):

@@ -39,7 +39,7 @@ from nibabel.orientations import aff2axcodes
 
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io import MaskInfo, load_volume, read_mask_info, save_labels
+from napari_fewlabel.io import MaskInfo, load_volume, looks_like_mask, read_mask_info, save_labels
 
 EXIT_USER_ERROR = 2
 
@@ -76,6 +76,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for key in ("SeriesDescription", "other_series", "files", "qform_code", "sform_code"):
         if key in volume.header:
             info[key] = volume.header[key]
+    if looks_like_mask(volume, args.path):
+        saved = read_mask_info(args.path) or MaskInfo()
+        info["mask"] = True
+        if saved.classes:
+            info["classes"] = [f"{c['index']} {c['name']}" for c in saved.classes]
+        if saved.empty_slices:
+            info["marked_empty"] = {"axis": saved.empty_axis, "slices": list(saved.empty_slices)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
