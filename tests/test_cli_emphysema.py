@@ -13,7 +13,7 @@ import real_data
 from chest_phantom import synthetic_chest
 from napari_fewlabel.cli import main
 from napari_fewlabel.infer.emphysema import REGIONS
-from napari_fewlabel.io import load_volume, save_image
+from napari_fewlabel.io import load_volume, read_mask_info, save_image
 
 OUTPUTS = {"lungs.nii.gz", "low_attenuation.nii.gz", "emphysema.csv", "emphysema.json"}
 
@@ -34,6 +34,10 @@ def test_lung1_writes_masks_on_the_scan_grid_and_scores(tmp_path, capsys):
     assert set(np.unique(lungs)) == {0, 1, 2}
     # Read back on the display grid, the masks agree with the CT voxel for voxel.
     assert np.array_equal(low > 0, (lungs > 0) & (scan.array < -950))
+    # Saved with their names: napari and `fewlabel info` show which value is which lung.
+    names = [c["name"] for c in read_mask_info(out / "lungs.nii.gz").classes]
+    assert names == ["background", "right lung", "left lung"]
+    assert read_mask_info(out / "low_attenuation.nii.gz").classes[1]["name"].startswith("LAA-950")
 
     document = json.loads((out / "emphysema.json").read_text())
     assert document["scan"] == str(source)

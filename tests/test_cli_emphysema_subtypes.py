@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from napari_fewlabel.cli import main
+from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
 from napari_fewlabel.data.emphysema_phantom import emphysema_phantom
-from napari_fewlabel.io import load_volume, save_image, save_labels
+from napari_fewlabel.io import load_volume, read_mask_info, save_image, save_labels
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import read_card
 
@@ -59,6 +60,8 @@ def test_subtype_labels_give_a_map_on_the_ct_grid_and_shares_per_region(chest, t
     subtypes = load_volume(out / "subtypes.nii.gz").array
     lungs = load_volume(out / "lungs.nii.gz").array
     assert np.array_equal(subtypes > 0, lungs > 0) and set(np.unique(subtypes)) <= {0, 1, 2, 3, 4}
+    saved = read_mask_info(out / "subtypes.nii.gz")
+    assert [c["name"] for c in saved.classes] == [c.name for c in EMPHYSEMA_SUBTYPES]
 
     document = json.loads((out / "emphysema.json").read_text())
     shares = document["subtypes"]["percent_of_lung"]

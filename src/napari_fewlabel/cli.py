@@ -210,8 +210,13 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_emphysema(args: argparse.Namespace) -> int:
-    from napari_fewlabel.infer.emphysema import REGIONS, quantify_emphysema
-    from napari_fewlabel.io import load_volume, save_labels
+    from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
+    from napari_fewlabel.infer.emphysema import (
+        REGIONS,
+        low_attenuation_classes,
+        quantify_emphysema,
+    )
+    from napari_fewlabel.infer.lungs import LUNG_CLASSES
     from napari_fewlabel.io.atomic import atomic_path
 
     out = Path(args.out).expanduser()
@@ -250,12 +255,28 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
             raise FewLabelError(
                 f"Cannot create {out} ({exc.strerror}): choose a folder you can write to."
             ) from exc
+        laa_info = MaskInfo.of_classes(low_attenuation_classes(report.threshold_hu))
         written = [
-            save_labels(report.lungs.labels, like=scan, path=out / "lungs.nii.gz"),
-            save_labels(report.low_attenuation, like=scan, path=out / "low_attenuation.nii.gz"),
+            save_labels(
+                report.lungs.labels,
+                like=scan,
+                path=out / "lungs.nii.gz",
+                info=MaskInfo.of_classes(LUNG_CLASSES),
+            ),
+            save_labels(
+                report.low_attenuation,
+                like=scan,
+                path=out / "low_attenuation.nii.gz",
+                info=laa_info,
+            ),
         ]
         if subtype_map is not None:
-            written.append(save_labels(subtype_map.labels, like=scan, path=out / "subtypes.nii.gz"))
+            subtypes_info = MaskInfo.of_classes(EMPHYSEMA_SUBTYPES)
+            written.append(
+                save_labels(
+                    subtype_map.labels, like=scan, path=out / "subtypes.nii.gz", info=subtypes_info
+                )
+            )
         if model_file is not None:
             with atomic_path(out / "subtype_model.safetensors") as tmp:
                 shutil.copyfile(model_file, tmp)

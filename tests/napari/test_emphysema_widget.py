@@ -46,6 +46,10 @@ def test_measure_shows_lungs_laa_and_the_table(viewer_with_lung1, qtbot, tmp_pat
     laa = viewer.layers[f"{ct.name} LAA-950"]
     assert np.allclose(lungs.scale, ct.scale) and np.allclose(lungs.translate, ct.translate)
     assert {RIGHT_LUNG, LEFT_LUNG} <= set(np.unique(lungs.data))
+    assert [c["name"] for c in lungs.metadata["fewlabel_classes"]][1:] == [
+        "right lung",
+        "left lung",
+    ]
     # The table's whole-lung %LAA-950 is what numpy says over the lungs layer.
     hu = np.asarray(ct.data)
     lung = np.asarray(lungs.data) > 0

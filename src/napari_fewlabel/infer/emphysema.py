@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.lungs import (
     LEFT_LUNG,
@@ -61,6 +62,16 @@ DENSITY_PERCENTILE = 15.0
 
 #: Region names, in the order of the report.
 REGIONS = ("both lungs", "right lung", "left lung", "upper third", "middle third", "lower third")
+
+
+def low_attenuation_classes(threshold_hu: float) -> tuple[SegmentationClass, ...]:
+    """Names and colours of :attr:`EmphysemaReport.low_attenuation` (1 = below the threshold)."""
+    return (
+        SegmentationClass(0, "background", (0, 0, 0)),
+        SegmentationClass(
+            1, f"LAA{threshold_hu:g} (lung below {threshold_hu:g} HU)", (255, 25, 25)
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -62,12 +62,19 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 
 #: label values in :attr:`LungMasks.labels`.
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
+#: Names and colours of :attr:`LungMasks.labels` (saved with the mask, shown in napari).
+LUNG_CLASSES = (
+    SegmentationClass(0, "background", (0, 0, 0)),
+    SegmentationClass(RIGHT_LUNG, "right lung", (51, 153, 255)),
+    SegmentationClass(LEFT_LUNG, "left lung", (255, 153, 51)),
+)
 
 #: Pure air: the lumen of the airway (and the gas in the bowel).
 PURE_AIR_HU = -950.0

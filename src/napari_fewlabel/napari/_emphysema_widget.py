@@ -41,10 +41,14 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
+from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES, SegmentationClass
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport
-from napari_fewlabel.infer.lungs import LEFT_LUNG, RIGHT_LUNG
+from napari_fewlabel.infer.emphysema import (
+    LAA_THRESHOLD_HU,
+    EmphysemaReport,
+    low_attenuation_classes,
+)
+from napari_fewlabel.infer.lungs import LUNG_CLASSES
 from napari_fewlabel.io import METADATA_KEY, Volume
 from napari_fewlabel.jobs import (
     EmphysemaReady,
@@ -54,7 +58,6 @@ from napari_fewlabel.jobs import (
 )
 from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import (
-    CLASSES_KEY,
     PREDICTION_KEY,
     labels_layer_data,
     layer_meta,
@@ -75,11 +78,6 @@ COLUMNS = (
     ("%LAA-910", "laa_910_percent", 2),
     ("Perc15 (HU)", "perc15_hu", 0),
 )
-LUNG_COLORS = {RIGHT_LUNG: (0.2, 0.6, 1.0), LEFT_LUNG: (1.0, 0.6, 0.2)}
-LAA_COLOR = {1: (1.0, 0.1, 0.1)}
-SUBTYPE_COLORS = {
-    c.index: (c.color[0] / 255, c.color[1] / 255, c.color[2] / 255) for c in EMPHYSEMA_SUBTYPES[1:]
-}
 RANDOM_ENCODER = "random encoder (no pretraining)"
 #: layer.metadata key of a subtype-regions layer: the name of the CT it was painted on.
 REGIONS_OF_KEY = "fewlabel_subtype_regions_of"
@@ -235,9 +233,8 @@ class EmphysemaWidget(JobWidget):
             np.zeros(volume.shape, np.uint8),
             volume,
             f"{image.name} subtype regions",
-            colors=SUBTYPE_COLORS,
+            EMPHYSEMA_SUBTYPES,
         )
-        kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in EMPHYSEMA_SUBTYPES]
         kwargs["metadata"][REGIONS_OF_KEY] = image.name
         layer = self.viewer.add_labels(data, **kwargs)
         layer.selected_label = 1
@@ -393,7 +390,7 @@ class EmphysemaWidget(JobWidget):
             return
         volume = self._volume(image)
         self._put_labels(
-            f"Emphysema subtypes ({image.name})", event.labels, volume, SUBTYPE_COLORS, 0.5
+            f"Emphysema subtypes ({image.name})", event.labels, volume, EMPHYSEMA_SUBTYPES, 0.5
         )
         for r, cls in enumerate(EMPHYSEMA_SUBTYPES[1:]):
             value = event.percent_of_lung.get(cls.name)
@@ -412,10 +409,11 @@ class EmphysemaWidget(JobWidget):
             show_warning("The CT was closed before its lungs arrived; nothing to show.")
             return
         volume = self._volume(image)
-        self._put_labels(f"{image.name} lungs", report.lungs.labels, volume, LUNG_COLORS)
+        self._put_labels(f"{image.name} lungs", report.lungs.labels, volume, LUNG_CLASSES)
         laa = report.low_attenuation.astype(np.uint8)
+        laa_classes = low_attenuation_classes(report.threshold_hu)
         self._put_labels(
-            f"{image.name} LAA{report.threshold_hu:g}", laa, volume, LAA_COLOR, opacity=0.8
+            f"{image.name} LAA{report.threshold_hu:g}", laa, volume, laa_classes, opacity=0.8
         )
         self.report = report
         self._fill_table(report)
@@ -436,12 +434,12 @@ class EmphysemaWidget(JobWidget):
         name: str,
         data: np.ndarray,
         like: Volume,
-        colors: dict[int, tuple[float, float, float]],
+        classes: tuple[SegmentationClass, ...],
         opacity: float = 0.4,
     ) -> None:
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        array, kwargs, _ = labels_layer_data(data, like, name, colors=colors)
+        array, kwargs, _ = labels_layer_data(data, like, name, classes)  # names saved too
         kwargs["metadata"][PREDICTION_KEY] = True
         kwargs["opacity"] = opacity
         self.viewer.add_labels(array, **kwargs)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, MaskInfo, Volume
 
@@ -47,13 +48,23 @@ def image_layer_data(volume: Volume, name: str) -> tuple[np.ndarray, dict[str, A
 
 
 def labels_layer_data(
-    labels: np.ndarray, like: Volume, name: str, colors: Mapping[int, Any] | None = None
+    labels: np.ndarray,
+    like: Volume,
+    name: str,
+    classes: Sequence[SegmentationClass] = (),
 ) -> tuple[np.ndarray, dict[str, Any], str]:
-    """A napari LayerDataTuple for a mask drawn on ``like``."""
+    """A napari LayerDataTuple for a mask drawn on ``like``.
+
+    ``classes`` (background first) give the colours, and are kept in the
+    metadata so that saving the layer writes their names into the file.
+    """
     kwargs = geometry_kwargs(like.with_array(labels))
     kwargs["name"] = name
-    if colors:
-        kwargs["colormap"] = _label_colormap(colors)
+    if classes:
+        kwargs["colormap"] = _label_colormap(
+            {c.index: np.array(c.color) / 255 for c in classes[1:]}
+        )
+        kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in classes]
     return (labels, kwargs, "labels")
 
 
@@ -62,8 +73,8 @@ def mask_layer_data(
 ) -> tuple[np.ndarray, dict[str, Any], str]:
     """A LayerDataTuple for a mask file: a Labels layer with its classes and marks restored."""
     info = info or MaskInfo()
-    colors = {int(c["index"]): np.array(c["color"]) / 255 for c in info.classes[1:]}
-    data, kwargs, kind = labels_layer_data(mask.array, mask, name, colors=colors or None)
+    classes = tuple(SegmentationClass.from_dict(c) for c in info.classes)
+    data, kwargs, kind = labels_layer_data(mask.array, mask, name, classes)
     kwargs["metadata"].update(mask_metadata(info))
     return data, kwargs, kind
 
@@ -104,9 +115,7 @@ def show_prediction(
         changed = np.nonzero(np.asarray(existing.data) != event.labels)
         existing.data_setitem(changed, event.labels[changed])
         return existing
-    colors = {c.index: np.array(c.color) / 255 for c in event.classes[1:]}
-    data, kwargs, _ = labels_layer_data(event.labels, like, name, colors=colors)
-    kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in event.classes]
+    data, kwargs, _ = labels_layer_data(event.labels, like, name, event.classes)
     kwargs["metadata"][PREDICTION_KEY] = True
     kwargs["opacity"] = 0.5
     return viewer.add_labels(data, **kwargs)

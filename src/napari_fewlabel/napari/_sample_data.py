@@ -17,8 +17,9 @@ TRUTH_SUFFIX = "truth (synthetic)"
 def _cardiac(modality: PhantomModality) -> list[tuple]:
     phantom = cardiac_phantom(modality, shape=DEMO_SHAPE, spacing_mm=DEMO_SPACING_MM)
     name = f"cardiac {modality} phantom"
-    colors = {c.index: [v / 255 for v in c.color] for c in phantom.classes[1:]}
-    truth = labels_layer_data(phantom.labels.array, phantom.image, f"{name} {TRUTH_SUFFIX}", colors)
+    truth = labels_layer_data(
+        phantom.labels.array, phantom.image, f"{name} {TRUTH_SUFFIX}", phantom.classes
+    )
     truth[1]["visible"] = False
     return [image_layer_data(phantom.image, name), truth]
 

@@ -405,12 +405,8 @@ class FinetuneWidget(JobWidget):
             return None
         classes = self.current_classes()
         data, kwargs, _ = labels_layer_data(
-            np.zeros(volume.shape, np.uint8),
-            volume,
-            f"{image.name} annotation",
-            colors={c.index: np.array(c.color) / 255 for c in classes[1:]},
+            np.zeros(volume.shape, np.uint8), volume, f"{image.name} annotation", classes
         )
-        kwargs["metadata"][CLASSES_KEY] = [c.to_dict() for c in classes]
         layer = self.viewer.add_labels(data, **kwargs)
         layer.selected_label = 1
         layer.mode = "paint"
