@@ -205,3 +205,16 @@ def test_file_save_keeps_the_marks_and_classes_for_the_next_open(make_napari_vie
     assert reopened.metadata["fewlabel_empty_slices"] == {"axis": 0, "slices": [2, 5]}
     assert reopened.metadata["fewlabel_classes"] == classes
     assert tuple(reopened.colormap.map(1)[:3]) == pytest.approx((0, 130 / 255, 200 / 255))
+
+
+def test_a_big_endian_mask_opens_as_native_labels(make_napari_viewer, tmp_path):
+    mask = np.zeros((6, 8, 8), ">i2")
+    mask[2, 2:5, 2:5] = 3
+    path = tmp_path / "old_tool_mask.nii"
+    nib.save(nib.Nifti1Image(mask, np.diag([2.0, 1.0, 1.0, 1.0])), path)
+    assert nib.load(path).get_data_dtype().byteorder == ">"
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(path, plugin=PLUGIN)
+    assert layer._type_string == "labels"
+    assert layer.data.dtype.isnative
+    assert int(np.asarray(layer.data).max()) == 3

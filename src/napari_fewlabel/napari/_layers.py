@@ -74,7 +74,8 @@ def mask_layer_data(
     """A LayerDataTuple for a mask file: a Labels layer with its classes and marks restored."""
     info = info or MaskInfo()
     classes = tuple(SegmentationClass.from_dict(c) for c in info.classes)
-    data, kwargs, kind = labels_layer_data(mask.array, mask, name, classes)
+    array = mask.array.astype(mask.array.dtype.newbyteorder("="), copy=False)  # native order
+    data, kwargs, kind = labels_layer_data(array, mask, name, classes)
     kwargs["metadata"].update(mask_metadata(info))
     return data, kwargs, kind
 
