@@ -116,3 +116,22 @@ def test_masks_from_other_tools_are_masks(name):
     path = MASKS[name]()
     assert read_mask_info(path) is None  # they declare nothing
     assert looks_like_mask(load_volume(path), path)
+
+
+def test_the_label_intent_alone_makes_a_mask(tmp_path):
+    """Float voxels fail the integer rule; the header's intent "label" still says mask."""
+    data = np.zeros((4, 5, 6), np.float32)
+    data[1, 2, 3] = 1.0
+    for intent in ("label", "none"):
+        img = nib.Nifti1Image(data, np.eye(4))
+        img.header.set_intent(intent)
+        path = tmp_path / f"{intent}.nii.gz"
+        nib.save(img, path)
+        assert looks_like_mask(load_volume(path), path) is (intent == "label")
+    data[1, 2, 4] = 0.5  # not a label value: an image, whatever the header says
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "fractional.nii.gz")
+    assert not looks_like_mask(
+        load_volume(tmp_path / "fractional.nii.gz"), tmp_path / "fractional.nii.gz"
+    )

@@ -211,10 +211,25 @@ def test_a_big_endian_mask_opens_as_native_labels(make_napari_viewer, tmp_path):
     mask = np.zeros((6, 8, 8), ">i2")
     mask[2, 2:5, 2:5] = 3
     path = tmp_path / "old_tool_mask.nii"
-    nib.save(nib.Nifti1Image(mask, np.diag([2.0, 1.0, 1.0, 1.0])), path)
+    header = nib.Nifti1Header(endianness=">")
+    header.set_data_dtype(np.int16)
+    nib.save(nib.Nifti1Image(mask, np.diag([2.0, 1.0, 1.0, 1.0]), header=header), path)
     assert nib.load(path).get_data_dtype().byteorder == ">"
     viewer = make_napari_viewer()
     (layer,) = viewer.open(path, plugin=PLUGIN)
     assert layer._type_string == "labels"
     assert layer.data.dtype.isnative
     assert int(np.asarray(layer.data).max()) == 3
+
+
+def test_a_float_mask_declared_as_labels_opens_as_integer_labels(make_napari_viewer, tmp_path):
+    data = np.zeros((6, 8, 8), np.float32)
+    data[2, 2:5, 2:5] = 2.0
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_intent("label")
+    nib.save(img, tmp_path / "float_mask.nii.gz")
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(tmp_path / "float_mask.nii.gz", plugin=PLUGIN)
+    assert layer._type_string == "labels"
+    assert layer.data.dtype == np.uint8
+    assert int(np.asarray(layer.data).max()) == 2

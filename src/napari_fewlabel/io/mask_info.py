@@ -135,29 +135,7 @@ def read_mask_info(path: str | Path) -> MaskInfo | None:
     logged and ignored: the voxels are still a valid mask.
     """
     header = _nifti_header(path)
-    if header is None:
-        return None
-    for ext in header.extensions:
-        if ext.get_code() != EXTENSION_CODE:
-            continue
-        try:
-            payload = json.loads(bytes(ext.get_content()).rstrip(b"\x00").decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue  # someone else's comment
-        if not isinstance(payload, dict) or EXTENSION_KEY not in payload:
-            continue
-        try:
-            return MaskInfo.from_json(payload[EXTENSION_KEY])
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            log.warning("%s: ignoring its damaged napari-fewlabel extension (%s)", path, exc)
-            return None
-    return None
-
-
-def has_label_intent(path: str | Path) -> bool:
-    """True for a NIfTI file whose header declares its values labels (intent 1002)."""
-    header = _nifti_header(path)
-    return header is not None and int(header["intent_code"]) == NIFTI_INTENT_LABEL
+    return None if header is None else _info_in(header, path)
 
 
 def looks_like_mask(volume: Volume, path: str | Path | None = None) -> bool:
@@ -169,9 +147,16 @@ def looks_like_mask(volume: Volume, path: str | Path | None = None) -> bool:
     values in a sample of slices: masks saved by ITK-SNAP or 3D Slicer
     declare nothing, and no scan has so few grey levels.
     """
-    if path is not None and (read_mask_info(path) is not None or has_label_intent(path)):
-        return True
     array = volume.array
+    header = _nifti_header(path) if path is not None else None
+    if header is not None and (
+        int(header["intent_code"]) == NIFTI_INTENT_LABEL or _info_in(header, path) is not None
+    ):
+        # Declared labels, stored as integers or as whole floats (scaled NIfTI).
+        if array.dtype.kind in "iu":
+            return True
+        sample = array[:: max(1, array.shape[0] // 16)]
+        return bool(np.all(np.isfinite(sample)) and np.all(sample == np.round(sample)))
     if array.dtype.kind not in "iu" or array.size == 0:
         return False
     middle = array[array.shape[0] // 2]
@@ -193,3 +178,21 @@ def _nifti_header(path: str | Path) -> nib.nifti1.Nifti1Header | None:
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         return None
     return img.header
+
+
+def _info_in(header: nib.nifti1.Nifti1Header, path: str | Path | None) -> MaskInfo | None:
+    for ext in header.extensions:
+        if ext.get_code() != EXTENSION_CODE:
+            continue
+        try:
+            payload = json.loads(bytes(ext.get_content()).rstrip(b"\x00").decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # someone else's comment
+        if not isinstance(payload, dict) or EXTENSION_KEY not in payload:
+            continue
+        try:
+            return MaskInfo.from_json(payload[EXTENSION_KEY])
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("%s: ignoring its damaged napari-fewlabel extension (%s)", path, exc)
+            return None
+    return None

@@ -9,7 +9,7 @@ import numpy as np
 
 from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io import METADATA_KEY, MaskInfo, Volume
+from napari_fewlabel.io import METADATA_KEY, MaskInfo, Volume, smallest_label_dtype
 
 if TYPE_CHECKING:
     import napari
@@ -74,7 +74,10 @@ def mask_layer_data(
     """A LayerDataTuple for a mask file: a Labels layer with its classes and marks restored."""
     info = info or MaskInfo()
     classes = tuple(SegmentationClass.from_dict(c) for c in info.classes)
-    array = mask.array.astype(mask.array.dtype.newbyteorder("="), copy=False)  # native order
+    array = mask.array
+    if array.dtype.kind == "f":  # whole numbers stored as float (a scaled NIfTI)
+        array = array.astype(smallest_label_dtype(int(np.nanmax(array, initial=0))))
+    array = array.astype(array.dtype.newbyteorder("="), copy=False)  # napari wants native order
     data, kwargs, kind = labels_layer_data(array, mask, name, classes)
     kwargs["metadata"].update(mask_metadata(info))
     return data, kwargs, kind
