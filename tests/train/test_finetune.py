@@ -33,10 +33,11 @@ def test_a_run_yields_progress_then_one_done_with_a_complete_checkpoint(make_job
     assert [p.step for p in progress] == [1, 2, 3, 4]
     assert all(p.total == 4 and p.device.startswith("cpu") for p in progress)
     assert all(math.isfinite(p.losses["total"]) for p in progress)
-    assert all(p.val_dice is None for p in progress)  # 2 labelled slices: both train
+    assert all(p.val_dice is None for p in progress)  # no label is held out by default
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert any("Slice axis 0" in m for m in notices)
-    assert any("No validation Dice: 2 labelled slices" in m for m in notices)
+    assert any("2 labelled slice(s) for training" in m and "0 held out" in m for m in notices)
+    assert "stream_agreement" in events[-1].summary
 
     done = events[-1]
     card = load_checkpoint(done.checkpoint).card

@@ -52,6 +52,16 @@ class InputFit:
 
     slice_shape: tuple[int, int]
     input_size: tuple[int, int]
+    #: Explicit ``(h', w')`` the slice is resized to before padding (each side
+    #: scaled on its own, e.g. to square the pixels of a coronal slice of a
+    #: thick-slice scan); None: shrink-to-fit with the aspect ratio kept.
+    resized: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resized is not None and (
+            self.resized[0] > self.input_size[0] or self.resized[1] > self.input_size[1]
+        ):
+            raise ValueError(f"resized {self.resized} exceeds the input size {self.input_size}")
 
     @property
     def scale(self) -> float:
@@ -61,6 +71,8 @@ class InputFit:
 
     @property
     def resized_shape(self) -> tuple[int, int]:
+        if self.resized is not None:
+            return self.resized
         (h, w), (hh, ww) = self.slice_shape, self.input_size
         s = self.scale
         return (min(hh, max(1, round(h * s))), min(ww, max(1, round(w * s))))

@@ -31,6 +31,10 @@ class SliceStack:
         Fitted normalisation of this volume.
     input_size : tuple of int
         ``(H, W)`` of the network input.
+    fit : InputFit, optional
+        How each slice is resized and padded (e.g. to square the pixels of a
+        coronal slice, :func:`~napari_fewlabel.data.planes.plane_fit`); default:
+        shrink to ``input_size`` with the aspect ratio kept.
 
     Attributes
     ----------
@@ -44,9 +48,10 @@ class SliceStack:
         axis: int,
         mapping: IntensityMapping,
         input_size: tuple[int, int],
+        fit: InputFit | None = None,
     ) -> None:
         moved = np.moveaxis(array, axis, 0)
-        self.fit = InputFit((moved.shape[1], moved.shape[2]), input_size)
+        self.fit = fit or InputFit((moved.shape[1], moved.shape[2]), input_size)
         self.pad_value = float(mapping.background)
         chunks = []
         for start in range(0, moved.shape[0], _CHUNK):

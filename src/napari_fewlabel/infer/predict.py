@@ -13,12 +13,14 @@ process's baseline (docs/benchmarks.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from napari_fewlabel.data.input_fit import InputFit
-from napari_fewlabel.data.normalization import count_nonfinite, fit_intensity
+from napari_fewlabel.data.normalization import IntensityMapping, count_nonfinite, fit_intensity
+from napari_fewlabel.data.planes import plane_fit
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import SegmentationModel
@@ -94,43 +96,87 @@ def predict_volume(
     mapping = fit_intensity(array, card.normalization)
     num_classes = len(card.classes)
     out = np.zeros(array.shape, dtype=np.uint8 if num_classes <= 256 else np.uint16)
-    out_moved = np.moveaxis(out, axis, 0)  # a view: writing it fills ``out``
-    n = array.shape[axis]
     slice_shape = tuple(s for a, s in enumerate(array.shape) if a != axis)
-    fit = InputFit((slice_shape[0], slice_shape[1]), card.input_size)
-    half = model.network.config.in_slices // 2
+    main_fit = InputFit((slice_shape[0], slice_shape[1]), card.input_size)
     dev = resolve_device(device)
     if batch_size is None:
         batch_size = 2 if dev.type == "cpu" else 16
-    precision = precision_for(dev)
-    network = model.network.to(dev).eval()
+    run = _PlaneRun(model.network.to(dev).eval(), array, mapping, dev, batch_size, test_time_flips)
+    planes = [int(p) for p in card.inference.get("planes", [axis])]
+    if len(planes) <= 1:
+        out_moved = np.moveaxis(out, axis, 0)  # a view: writing it fills ``out``
+        for start, stop, proba in run.along(axis, main_fit):
+            out_moved[start:stop] = proba.argmax(dim=1).numpy().astype(out.dtype)
+        return out
 
-    start = 0
-    while start < n:
-        stop = min(n, start + batch_size)
-        try:
-            with torch.no_grad():
-                window = np.arange(start - half, stop + half).clip(0, n - 1)
-                block = mapping(np.moveaxis(np.take(array, window, axis=axis), axis, 0))
-                # (slices + 2 * half, h, w) -> windows (B, in_slices, h, w)
-                stacked = torch.from_numpy(block).unfold(0, 2 * half + 1, 1).permute(0, 3, 1, 2)
-                x = fit.images_to_input(stacked.contiguous(), mapping.background).to(dev)
-                with autocast(dev, precision):
-                    proba = _probabilities(network, x, test_time_flips)
-                labels = fit.probabilities_from_input(proba.float()).argmax(dim=1)
-        except torch.cuda.OutOfMemoryError as e:
-            if batch_size == 1:
-                raise FewLabelError(
-                    "Out of GPU memory predicting one slice: close other programs using the "
-                    "GPU or predict on the CPU with --device cpu."
-                ) from e
-            torch.cuda.empty_cache()
-            batch_size = max(1, batch_size // 2)
-            logger.warning("GPU out of memory; predicting %d slices at a time.", batch_size)
-            continue
-        out_moved[start:stop] = labels.cpu().numpy().astype(out.dtype)
-        start = stop
+    # Several planes: average their probabilities, kept as bytes (each plane adds at
+    # most 255 // planes), so the sum costs one byte per class and voxel.
+    share = 255 // len(planes)
+    total = np.zeros((num_classes, *array.shape), dtype=np.uint8)
+    max_side = int(card.inference.get("plane_max_side", max(card.input_size)))
+    divisor = model.network.config.size_divisor
+    for plane in sorted(set(planes), key=lambda p: p != axis):
+        fit = plane_fit(array.shape, volume.spacing_mm, axis, plane, main_fit, divisor, max_side)  # type: ignore[arg-type]
+        total_moved = np.moveaxis(total, plane + 1, 1)  # (K, slices along plane, ...)
+        for start, stop, proba in run.along(plane, fit):
+            quantised = (proba * share).round().to(torch.uint8).numpy()
+            total_moved[:, start:stop] += quantised.transpose(1, 0, 2, 3)
+    for z in range(array.shape[0]):  # argmax slice by slice: no K x volume int64 index
+        out[z] = total[:, z].argmax(axis=0)
     return out
+
+
+class _PlaneRun:
+    """Probabilities of every slice along one plane, batch by batch, halving batches on GPU OOM."""
+
+    def __init__(
+        self,
+        network: TwoStreamUNet,
+        array: np.ndarray,
+        mapping: IntensityMapping,
+        device: torch.device,
+        batch_size: int,
+        flips: bool,
+    ) -> None:
+        self.network = network
+        self.array = array
+        self.mapping = mapping
+        self.device = device
+        self.batch_size = batch_size
+        self.flips = flips
+        self.precision = precision_for(device)
+        self.half = network.config.in_slices // 2
+
+    def along(self, axis: int, fit: InputFit) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, probabilities (B, K, h, w) on the CPU)`` for consecutive slices."""
+        n, half, array = self.array.shape[axis], self.half, self.array
+        start = 0
+        while start < n:
+            stop = min(n, start + self.batch_size)
+            try:
+                with torch.no_grad():
+                    window = np.arange(start - half, stop + half).clip(0, n - 1)
+                    block = self.mapping(np.moveaxis(np.take(array, window, axis=axis), axis, 0))
+                    # (slices + 2 * half, h, w) -> windows (B, in_slices, h, w)
+                    stacked = torch.from_numpy(block).unfold(0, 2 * half + 1, 1).permute(0, 3, 1, 2)
+                    x = fit.images_to_input(stacked.contiguous(), self.mapping.background)
+                    with autocast(self.device, self.precision):
+                        proba = _probabilities(self.network, x.to(self.device), self.flips)
+                    proba = fit.probabilities_from_input(proba.float()).cpu()
+            except torch.cuda.OutOfMemoryError as e:
+                if self.batch_size == 1:
+                    raise FewLabelError(
+                        "Out of GPU memory predicting one slice: close other programs using "
+                        "the GPU or predict on the CPU with --device cpu."
+                    ) from e
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+                logger.warning(
+                    "GPU out of memory; predicting %d slices at a time.", self.batch_size
+                )
+                continue
+            yield start, stop, proba
+            start = stop
 
 
 def _probabilities(network: TwoStreamUNet, x: torch.Tensor, flips: bool) -> torch.Tensor:

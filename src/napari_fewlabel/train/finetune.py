@@ -45,7 +45,13 @@ from napari_fewlabel.data.augment import (
 )
 from napari_fewlabel.data.classes import SegmentationClass, check_classes, default_classes
 from napari_fewlabel.data.input_fit import choose_input_size
-from napari_fewlabel.data.normalization import NormalizationConfig, count_nonfinite, fit_intensity
+from napari_fewlabel.data.normalization import (
+    IntensityMapping,
+    NormalizationConfig,
+    count_nonfinite,
+    fit_intensity,
+)
+from napari_fewlabel.data.planes import CrossPlane, in_plane_axes, line_targets, plane_fit
 from napari_fewlabel.data.slice_stack import SliceStack, fit_labels
 from napari_fewlabel.data.slices import check_empty_slices, infer_slice_axis, labelled_slices
 from napari_fewlabel.errors import FewLabelError
@@ -110,11 +116,13 @@ class FinetuneSettings:
         Pseudo-labels from a weak view, loss on a strong view (FixMatch
         pairing); False uses one view for both, as in the paper.
     augment : AugmentConfig
-    validation_min_labelled : int
+    validation_min_labelled : int or None
         Hold out about one labelled slice in five for a validation Dice only
         from this many labelled slices on (and only when each held-out
-        structure is also on a training slice): with 2 labelled slices,
-        holding one out halves the labels.
+        structure is also on a training slice). None (the default) never
+        holds a label out: with 3 labelled slices, holding one out trains most
+        of the run on 2. The agreement between the two streams on unlabelled
+        slices is reported instead; it costs no label.
     validation_rejoin_at : float or None
         Held-out slices join training at this fraction of the steps so no
         label is wasted (None keeps them out to the end).
@@ -140,6 +148,16 @@ class FinetuneSettings:
         draws every labelled slice equally, so one painted slice beside two
         marked ones would be a third of the draws. The paper has no marked
         slices, so this is not a departure from it.
+    planes : {"labelled", "all"}
+        ``"labelled"`` trains on slices of the labelled plane only, as the
+        paper does. ``"all"`` also trains on the two planes across it, whose
+        slices carry the labelled slices' lines (every other voxel ignored by
+        the loss, :mod:`napari_fewlabel.data.planes`), and prediction averages
+        the three planes' probabilities: context across slices from the same
+        2D network.
+    labelled_plane_share : float
+        With ``planes="all"``, the fraction of steps drawn from the labelled
+        plane; the two other planes share the rest.
     """
 
     batch_labelled: int = 4
@@ -153,13 +171,15 @@ class FinetuneSettings:
     confidence_threshold: float = 0.9
     strong_view: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    validation_min_labelled: int = 3
+    validation_min_labelled: int | None = None
     validation_rejoin_at: float | None = 0.8
     validate_every: int = 25
     test_time_flips: bool = False
     encoder_lr_scale: float = 1.0
     encoder_frozen_for: float = 0.0
     empty_share: float = 0.5
+    planes: Literal["labelled", "all"] = "labelled"
+    labelled_plane_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.batch_labelled < 1 or self.batch_unlabelled < 1:
@@ -176,6 +196,10 @@ class FinetuneSettings:
             raise FewLabelError(
                 "encoder_frozen_for is a fraction of the steps: give a value in [0, 1)."
             )
+        if self.planes not in ("labelled", "all"):
+            raise FewLabelError(f"planes must be 'labelled' or 'all', got {self.planes!r}.")
+        if not 0 < self.labelled_plane_share <= 1:
+            raise FewLabelError("labelled_plane_share must be in (0, 1].")
         if not 0 < self.empty_share <= 1:
             raise FewLabelError(
                 "empty_share is a fraction of the labelled draws: give a value in (0, 1]."
@@ -333,6 +357,8 @@ class _Prepared:
     notices: list[Notice]
     start_card: ModelCard | None
     start: str | Path | None  # the model training starts from (None: random)
+    cross_planes: list[CrossPlane]  # the planes across the labelled slices (planes="all")
+    plane_max_side: int  # longest side of a resampled cross-plane slice
 
 
 def starting_model(job: FinetuneJob) -> str | Path | None:
@@ -490,10 +516,18 @@ def _prepare(job: FinetuneJob) -> _Prepared:
             multiple=architecture.size_divisor,
         )
 
-    stacks = [SliceStack(image, axis, fit_intensity(image, normalization), input_size)]
+    mapping = fit_intensity(image, normalization)
+    stacks = [SliceStack(image, axis, mapping, input_size)]
     given = np.union1d(labelled, empty)
     fitted = fit_labels(labels, axis, given, stacks[0].fit)
     labels_by_slice = {int(i): fitted[n] for n, i in enumerate(given)}
+    plane_max_side = max(job.max_input_side, *input_size)
+    cross_planes: list[CrossPlane] = []
+    if job.settings.planes == "all":
+        cross_planes, why_not = _cross_planes(
+            job, labels, axis, given, mapping, stacks[0], architecture, plane_max_side
+        )
+        notices.append(Notice(why_not or _describe_planes(cross_planes, axis)))
 
     pool = [(0, int(i)) for i in unlabelled]
     extra_labelled: list[tuple[int, int, torch.Tensor]] = []
@@ -543,6 +577,55 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         notices=notices,
         start_card=start_card,
         start=start,
+        cross_planes=cross_planes,
+        plane_max_side=plane_max_side,
+    )
+
+
+#: Fewest slices along the labelled axis for the planes across it to be worth training:
+#: a coronal slice of a 4-slice scan is 4 rows tall.
+MIN_SLICES_FOR_CROSS_PLANES = 8
+
+_PLANE_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
+
+
+def _cross_planes(
+    job: FinetuneJob,
+    labels: np.ndarray,
+    axis: int,
+    given: np.ndarray,
+    mapping: IntensityMapping,
+    main: SliceStack,
+    architecture: UNetConfig,
+    max_side: int,
+) -> tuple[list[CrossPlane], str | None]:
+    """The two planes across the labelled slices, or none and why not."""
+    n = labels.shape[axis]
+    if n < MIN_SLICES_FOR_CROSS_PLANES:
+        return [], (
+            f"The scan has {n} slices along the labelled axis, too few for slices across "
+            f"them (at least {MIN_SLICES_FOR_CROSS_PLANES}): training on the labelled plane only."
+        )
+    planes = []
+    for plane in in_plane_axes(axis):
+        fit = plane_fit(
+            job.image.shape, job.image.spacing_mm, axis, plane, main.fit,
+            architecture.size_divisor, max_side,
+        )  # fmt: skip
+        stack = SliceStack(job.image.array, plane, mapping, fit.input_size, fit=fit)
+        planes.append(CrossPlane(plane, stack, line_targets(labels, axis, given, plane, fit)))
+    return planes, None
+
+
+def _describe_planes(planes: list[CrossPlane], axis: int) -> str:
+    parts = [
+        f"{len(p)} {_PLANE_NAMES.get(p.axis, f'axis-{p.axis}')} slices at "
+        f"{p.stack.fit.input_size[0]}x{p.stack.fit.input_size[1]}"
+        for p in planes
+    ]
+    return (
+        "Also training on the planes across the labelled slices, whose labelled lines "
+        f"supervise them ({', '.join(parts)}); prediction averages the three planes."
     )
 
 
@@ -575,7 +658,7 @@ def _painted_slices(data: _Prepared) -> list[int]:
 
 
 def _choose_held_out(
-    labels: np.ndarray, axis: int, labelled: np.ndarray, min_labelled: int
+    labels: np.ndarray, axis: int, labelled: np.ndarray, min_labelled: int | None
 ) -> tuple[np.ndarray, str | None]:
     """Labelled slices to hold out for a validation Dice, and why none when there are none.
 
@@ -585,7 +668,7 @@ def _choose_held_out(
     seen on one slice only must be trained on, not used to keep score.
     """
     none = np.array([], dtype=np.int64)
-    if labelled.size < 2:
+    if labelled.size < 2 or min_labelled is None:
         return none, None
     if labelled.size < min_labelled:
         return none, (
@@ -843,7 +926,11 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                 "precision": precision.name,
                 "train_seconds": round(time.perf_counter() - start, 1),
             },
-            inference={"test_time_flips": settings.test_time_flips},
+            inference={
+                "test_time_flips": settings.test_time_flips,
+                "planes": [data.axis, *(p.axis for p in data.cross_planes)],
+                "plane_max_side": data.plane_max_side,
+            },
         )
 
     def save(steps_done: int) -> Path:
@@ -887,6 +974,15 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         ]
         return torch.cat(windows)
 
+    # A stream of its own, so that a labelled-plane-only run draws exactly as before.
+    plane_rng = np.random.default_rng([job.seed, 1])
+
+    def choose_plane() -> CrossPlane | None:
+        """The plane of this step's slices: None for the labelled plane."""
+        if not data.cross_planes or plane_rng.random() < settings.labelled_plane_share:
+            return None
+        return data.cross_planes[int(plane_rng.integers(len(data.cross_planes)))]
+
     def train_step(b: BatchSizes, step: int) -> dict[str, float]:
         p = progress_at(step)
         for group in optimizer.param_groups:
@@ -900,7 +996,11 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             )
         optimizer.zero_grad(set_to_none=True)
         aug = settings.augment
-        x_l, y_l = sample_labelled(b.labelled)
+        plane = choose_plane()
+        if plane is None:
+            x_l, y_l = sample_labelled(b.labelled)
+        else:
+            x_l, y_l = plane.labelled_batch(b.labelled, in_slices, rng)
         x_l, y_l = x_l.to(device), y_l.to(device)
         x_l, y_l_warped = warp(x_l, y_l, random_geometry(b.labelled, aug, generator, device))
         assert y_l_warped is not None
@@ -914,8 +1014,13 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         parts: dict[str, float] = {}
         with autocast(device, precision):
             if cps_w > 0:
+                unlabelled = (
+                    sample_unlabelled(b.unlabelled)
+                    if plane is None
+                    else plane.unlabelled_batch(b.unlabelled, in_slices, rng)
+                )
                 x_u, _ = warp(
-                    sample_unlabelled(b.unlabelled).to(device),
+                    unlabelled.to(device),
                     None,
                     random_geometry(b.unlabelled, aug, generator, device),
                 )
@@ -982,6 +1087,27 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         network.train()
         return _foreground_dice(torch.cat(preds), torch.cat(truths), len(data.classes))
 
+    agreement_slices = np.array([i for s, i in data.unlabelled_pool if s == 0], dtype=np.int64)
+    if agreement_slices.size > 8:
+        agreement_slices = agreement_slices[
+            np.linspace(0, agreement_slices.size - 1, 8).astype(int)
+        ]
+
+    @torch.no_grad()
+    def stream_agreement() -> float | None:
+        """Dice between the two streams' labels on a few unlabelled slices (costs no label)."""
+        if agreement_slices.size == 0:
+            return None
+        network.eval()
+        x = main.windows(torch.from_numpy(agreement_slices), in_slices).to(device)
+        with autocast(device, precision):
+            logits_a, logits_b = network(x)
+        network.train()
+        return _foreground_dice(
+            logits_a.argmax(dim=1).cpu(), logits_b.argmax(dim=1).cpu(), len(data.classes)
+        )
+
+    agreement: float | None = None
     marked = f" ({data.empty.size} of them marked empty)" if data.empty.size else ""
     yield Notice(
         f"Fine-tuning on {device_text} ({precision.name}): "
@@ -999,7 +1125,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             checkpoint = save(step)
             yield Done(
                 checkpoint,
-                _summary(step, total, losses, last_val_dice, start, device_text, data),
+                _summary(step, total, losses, last_val_dice, start, device_text, data, agreement),
                 cancelled=True,
             )
             return
@@ -1025,6 +1151,8 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         if held_out.size and (step % settings.validate_every == 0 or step == total):
             val_dice = validate()
             last_val_dice = val_dice
+        if step % settings.validate_every == 0 or step == total:
+            agreement = stream_agreement()
         recent = float(np.mean(step_times[-20:]))
         if job.time_budget_s is not None:
             elapsed = time.perf_counter() - start
@@ -1043,7 +1171,10 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             memory_mb=memory_mb(device),
             phase="finetune",
             extra={
-                k: v for k, v in losses.items() if k in ("train_dice", "cps_weight", "cps_kept")
+                **{
+                    k: v for k, v in losses.items() if k in ("train_dice", "cps_weight", "cps_kept")
+                },
+                **({"stream_agreement": agreement} if agreement is not None else {}),
             },
         )
         if time.perf_counter() - last_save >= job.checkpoint_every_s:
@@ -1051,7 +1182,10 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             last_save = time.perf_counter()
     total = step
     checkpoint = save(step)
-    yield Done(checkpoint, _summary(step, total, losses, last_val_dice, start, device_text, data))
+    yield Done(
+        checkpoint,
+        _summary(step, total, losses, last_val_dice, start, device_text, data, agreement),
+    )
 
 
 def _summary(
@@ -1062,8 +1196,10 @@ def _summary(
     start: float,
     device: str,
     data: _Prepared,
+    agreement: float | None = None,
 ) -> dict[str, Any]:
     return {
+        "stream_agreement": agreement,
         "steps_done": step,
         "steps_planned": total,
         "train_seconds": round(time.perf_counter() - start, 1),
