@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -426,6 +427,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         default="default",
         help="default: measured best; paper: IDEAL as published; supervised: labels only",
     )
+    p.add_argument(
+        "--planes",
+        choices=("all", "labelled"),
+        help="all: also train on the coronal/sagittal slices across the labelled ones (their "
+        "labelled lines) and average three planes at prediction; labelled: the labelled "
+        "plane only (default: the method's; docs/engine.md)",
+    )
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -438,6 +446,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         "paper": FinetuneSettings.paper(),
         "supervised": FinetuneSettings.supervised(),
     }[args.method]
+    if args.planes is not None:
+        settings = replace(settings, planes=args.planes)
     image = load_volume(args.image)
     labels = load_volume(args.labels)
     extra = tuple(load_volume(p) for p in args.extra_unlabelled)

@@ -5,6 +5,7 @@ import pytest
 
 from napari_fewlabel.data.slices import (
     check_empty_slices,
+    check_one_axis,
     infer_slice_axis,
     labelled_slices,
     unlabelled_slices,
@@ -81,3 +82,15 @@ def test_slices_marked_empty_are_checked_against_the_paint():
     with pytest.raises(FewLabelError, match="outside"):
         check_empty_slices(painted, 1, [-1])
     assert check_empty_slices(painted, 0, []).size == 0
+
+
+def test_labels_painted_along_two_axes_are_refused_with_both_named():
+    labels = np.zeros((30, 40, 50), dtype=np.int64)
+    labels[10, 5:20, 5:30] = 1
+    labels[20, 8:22, 6:28] = 1
+    check_one_axis(labels, 0)  # axial slices only: fine
+    labels[2:28, 30, 10:20] = 2  # and one coronal slice
+    for axis in (0, 1):
+        with pytest.raises(FewLabelError, match="painted along two axes") as info:
+            check_one_axis(labels, axis)
+        assert "z (axial)" in str(info.value) and "y (coronal)" in str(info.value)

@@ -106,6 +106,43 @@ def infer_slice_axis(labels: np.ndarray) -> SliceAxisChoice:
     )
 
 
+def check_one_axis(labels: np.ndarray, axis: int) -> None:
+    """Refuse labels painted along two axes (say axial slices and a coronal one).
+
+    Every slice along ``axis`` that holds paint counts as fully labelled, so a
+    coronal slice painted beside a few axial ones would turn every axial slice
+    it crosses into a "labelled" slice that is background except for one
+    line: a silent wrong result. Three or more labelled slices whose paint
+    lies on one and the same row (or column) are that pattern.
+
+    Raises
+    ------
+    FewLabelError
+        Naming both axes and what to do.
+    """
+    _check_axis(axis)
+    rows_axis, cols_axis = (a for a in range(3) if a != axis)
+    for other, reduce_over in ((rows_axis, cols_axis), (cols_axis, rows_axis)):
+        # For every slice along ``axis``: the indices along ``other`` that hold paint.
+        painted = np.any(labels != 0, axis=reduce_over)  # (n along axis, n along other) in order
+        if axis > other:
+            painted = painted.T
+        counts = painted.sum(axis=1)
+        single = np.flatnonzero(counts == 1)
+        if single.size < 3:
+            continue
+        where = painted[single].argmax(axis=1)
+        values, n = np.unique(where, return_counts=True)
+        if n.max() >= 3:
+            index = int(values[n.argmax()])
+            raise FewLabelError(
+                f"The labels look painted along two axes: {int(n.max())} slices along "
+                f"{AXIS_NAMES[axis]} hold paint only on the line {AXIS_NAMES[other].split()[0]}"
+                f" = {index}, as a slice painted along {AXIS_NAMES[other]} would. Paint "
+                "slices along one axis only: erase the slices painted along the other."
+            )
+
+
 def check_empty_slices(labels: np.ndarray, axis: int, marked: Iterable[int]) -> np.ndarray:
     """The slices marked empty, sorted and checked: on the volume, with nothing painted.
 

@@ -165,6 +165,10 @@ class JobWidget(QWidget):
         if event.val_dice is not None:
             plot.add_point("val Dice", event.step, event.val_dice)
             parts.append(f"validation Dice {event.val_dice:.3f}")
+        agreement = event.extra.get("stream_agreement")
+        if agreement is not None:  # costs no label: the two decoders' labels compared
+            plot.add_point("stream agreement", event.step, agreement)
+            parts.append(f"stream agreement {agreement:.2f}")
         parts.append(format_eta(event.eta_s))
         status.setText(" · ".join(p for p in parts if p))
         memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""

@@ -53,7 +53,12 @@ from napari_fewlabel.data.normalization import (
 )
 from napari_fewlabel.data.planes import CrossPlane, in_plane_axes, line_targets, plane_fit
 from napari_fewlabel.data.slice_stack import SliceStack, fit_labels
-from napari_fewlabel.data.slices import check_empty_slices, infer_slice_axis, labelled_slices
+from napari_fewlabel.data.slices import (
+    check_empty_slices,
+    check_one_axis,
+    infer_slice_axis,
+    labelled_slices,
+)
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.losses.cross_pseudo_supervision import (
@@ -247,6 +252,11 @@ class FinetuneSettings:
                 out.append("pseudo-labels from a weak view supervise a strong view")
         if in_slices > 1:
             out.append(f"{in_slices} adjacent slices as input channels (2.5D)")
+        if self.planes == "all":
+            out.append(
+                "also trained on the two planes across the labelled slices (their labelled "
+                "lines), prediction averaged over three planes"
+            )
         if self.test_time_flips:
             out.append("flip test-time augmentation")
         if self.encoder_frozen_for > 0:
@@ -461,6 +471,7 @@ def _prepare(job: FinetuneJob) -> _Prepared:
         notices.append(Notice(choice.reason))
     else:
         axis = job.axis
+    check_one_axis(labels, axis)
     labelled = labelled_slices(labels, axis)
     if labelled.size == 0:
         raise FewLabelError(
@@ -900,6 +911,12 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                     "pseudo-supervision on unlabelled slices"
                     if use_cps
                     else "two-stream supervised fine-tuning: Dice+CE on labelled slices"
+                )
+                + (
+                    "; tri-planar: coronal and sagittal slices trained on the labelled "
+                    "slices' lines, the three planes averaged at prediction"
+                    if data.cross_planes
+                    else ""
                 ),
                 "paper_faithful": not settings.differences_from_paper(in_slices) and use_cps,
                 "differences_from_paper": settings.differences_from_paper(in_slices),
