@@ -116,7 +116,7 @@ def predict_volume(
     max_side = int(card.inference.get("plane_max_side", max(card.input_size)))
     divisor = model.network.config.size_divisor
     for plane in sorted(set(planes), key=lambda p: p != axis):
-        fit = plane_fit(array.shape, volume.spacing_mm, axis, plane, main_fit, divisor, max_side)  # type: ignore[arg-type]
+        fit = plane_fit(array.shape, volume.spacing_mm, axis, plane, main_fit, divisor, max_side)
         total_moved = np.moveaxis(total, plane + 1, 1)  # (K, slices along plane, ...)
         for start, stop, proba in run.along(plane, fit):
             quantised = (proba * share).round().to(torch.uint8).numpy()

@@ -5,17 +5,18 @@
 after every step, and one final :class:`Done` with the last checkpoint, also
 when cancelled.
 
-One step
---------
-* Labelled slices (any nonzero label on the slice): Dice + CE on both streams.
-* Unlabelled slices (the rest of the volume and any extra volumes): each
-  stream learns from the other's hard pseudo-labels (cross pseudo-supervision),
-  with no gradient through the pseudo-labels. The term starts after a
-  supervised warm-up and is ramped up with a sigmoid; pseudo-labels may be
-  restricted to confident pixels and taken from a weakly augmented view while
-  the loss is computed on a strongly augmented one.
-* AdamW: a short linear warm-up, a constant learning rate, a cosine decay
-  over the last quarter.
+The engine in pieces, one module each:
+
+* :mod:`~napari_fewlabel.train.finetune_data`: the job's data checked and laid
+  out (labelled, marked-empty and unlabelled slices; with ``planes="all"`` the
+  coronal and sagittal slices and their labelled lines);
+* :mod:`~napari_fewlabel.train.finetune_batches`: which slices a step sees;
+* :mod:`~napari_fewlabel.train.finetune_step`: one step (Dice + CE on the
+  labelled voxels, cross pseudo-supervision on the rest, AdamW);
+* :mod:`~napari_fewlabel.train.finetune_scores`: the stream agreement and the
+  optional held-out Dice;
+* this module: the settings, the job, the model card, and :func:`run`, which
+  strings them together and writes the checkpoints.
 
 Which of these choices are on by default, and why, is measured in
 ``docs/engine.md`` / ``docs/benchmarks.md``; :meth:`FinetuneSettings.paper`
@@ -24,11 +25,9 @@ gives the settings as published, and the model card records what was used.
 
 from __future__ import annotations
 
-import functools
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,36 +35,10 @@ import numpy as np
 import torch
 
 from napari_fewlabel import __version__
-from napari_fewlabel.data.augment import (
-    AugmentConfig,
-    jitter_intensity,
-    random_geometry,
-    strong_view,
-    warp,
-)
-from napari_fewlabel.data.classes import SegmentationClass, check_classes, default_classes
-from napari_fewlabel.data.input_fit import choose_input_size
-from napari_fewlabel.data.normalization import (
-    IntensityMapping,
-    NormalizationConfig,
-    count_nonfinite,
-    fit_intensity,
-)
-from napari_fewlabel.data.planes import CrossPlane, in_plane_axes, line_targets, plane_fit
-from napari_fewlabel.data.slice_stack import SliceStack, fit_labels
-from napari_fewlabel.data.slices import (
-    check_empty_slices,
-    check_one_axis,
-    infer_slice_axis,
-    labelled_slices,
-)
+from napari_fewlabel.data.augment import AugmentConfig
+from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
-from napari_fewlabel.losses.cross_pseudo_supervision import (
-    cross_pseudo_supervision_loss,
-    sigmoid_rampup,
-)
-from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import (
     ModelCard,
     check_output_path,
@@ -73,24 +46,41 @@ from napari_fewlabel.models.checkpoint import (
     load_checkpoint,
     load_encoder_weights,
     load_optimizer_state,
-    read_card,
     save_checkpoint,
 )
-from napari_fewlabel.models.registry import default_encoder, resolve_model
+from napari_fewlabel.models.registry import resolve_model
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
-from napari_fewlabel.train.device import (
-    autocast,
-    describe_device,
-    memory_mb,
-    precision_for,
-    resolve_device,
-)
+from napari_fewlabel.train.device import describe_device, memory_mb, precision_for, resolve_device
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
+from napari_fewlabel.train.finetune_batches import TrainingBatches, labelled_draw_probabilities
+from napari_fewlabel.train.finetune_data import (
+    RANDOM_INIT,
+    PreparedData,
+    painted_slices,
+    prepare_data,
+    starting_model,
+)
+from napari_fewlabel.train.finetune_scores import (
+    agreement_slices,
+    held_out_dice,
+    stream_agreement,
+)
+from napari_fewlabel.train.finetune_step import TrainingStep
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "RANDOM_INIT",
+    "BatchSizes",
+    "FinetuneJob",
+    "FinetuneSettings",
+    "labelled_draw_probabilities",
+    "run",
+    "starting_model",
+    "step_with_oom_fallback",
+]
 
 #: Default number of steps: about 4-5 minutes on 2 CPU cores for 256x256 slices.
 DEFAULT_STEPS = 300
-#: ``FinetuneJob.model`` value that asks for a random start instead of the default encoder.
-RANDOM_INIT = "random"
 
 T = TypeVar("T")
 
@@ -183,7 +173,7 @@ class FinetuneSettings:
     encoder_lr_scale: float = 1.0
     encoder_frozen_for: float = 0.0
     empty_share: float = 0.5
-    planes: Literal["labelled", "all"] = "labelled"
+    planes: Literal["labelled", "all"] = "all"
     labelled_plane_share: float = 0.5
 
     def __post_init__(self) -> None:
@@ -212,12 +202,14 @@ class FinetuneSettings:
 
     @classmethod
     def paper(cls) -> FinetuneSettings:
-        """IDEAL as published: CPS from the first step under a sigmoid ramp, every pseudo-label, one view."""
+        """IDEAL as published: CPS from the first step under a sigmoid ramp, every pseudo-label,
+        one view, slices of the labelled plane only."""
         return cls(
             supervised_warmup=0.0,
             cps_rampup=0.4,
             confidence_threshold=0.0,
             strong_view=False,
+            planes="labelled",
         )
 
     @classmethod
@@ -347,360 +339,6 @@ class FinetuneJob:
     checkpoint_every_s: float = 60.0
 
 
-# ------------------------------------------------------------------ data prep
-@dataclass
-class _Prepared:
-    """The job's data, checked and ready for sampling."""
-
-    stacks: list[SliceStack]
-    axis: int
-    classes: tuple[SegmentationClass, ...]
-    normalization: NormalizationConfig
-    input_size: tuple[int, int]
-    architecture: UNetConfig
-    labelled: np.ndarray  # slice indices of stacks[0] used for training (empty ones included)
-    empty: np.ndarray  # slice indices of stacks[0] marked empty (all background)
-    held_out: np.ndarray  # slice indices of stacks[0] held out for validation
-    labels_by_slice: dict[int, torch.Tensor]  # slice index -> (H, W) int64
-    extra_labelled: list[tuple[int, int, torch.Tensor]]  # (stack index, slice index, labels)
-    unlabelled_pool: list[tuple[int, int]]  # (stack index, slice index)
-    notices: list[Notice]
-    start_card: ModelCard | None
-    start: str | Path | None  # the model training starts from (None: random)
-    cross_planes: list[CrossPlane]  # the planes across the labelled slices (planes="all")
-    plane_max_side: int  # longest side of a resampled cross-plane slice
-
-
-def starting_model(job: FinetuneJob) -> str | Path | None:
-    """The model ``job`` starts from: its own, the default encoder, or None (random)."""
-    if job.model is not None:
-        return None if str(job.model) == RANDOM_INIT else job.model
-    path = default_encoder(job.image.modality)
-    if path is None:
-        return None
-    encoder_arch = UNetConfig.from_dict(read_card(path).architecture)
-    if replace(encoder_arch, num_classes=job.architecture.num_classes) != job.architecture:
-        return None  # pretrained for another network than the one asked for
-    return path
-
-
-def _check_labels(job: FinetuneJob) -> np.ndarray:
-    return _label_array(job.image, job.labels)
-
-
-def _label_array(image: Volume, labels: Volume | np.ndarray) -> np.ndarray:
-    """``labels`` as an int64 array after checking it fits ``image`` and is a label map."""
-    if isinstance(labels, Volume):
-        if labels.shape != image.shape:
-            raise FewLabelError(
-                f"Labels shape {labels.shape} differs from the image shape {image.shape}: "
-                "draw the labels on this scan (same size along every axis)."
-            )
-        if not np.allclose(labels.affine, image.affine, atol=1e-2):
-            raise FewLabelError(
-                "The labels and the image are not on the same grid (their voxel-to-world "
-                "transforms differ): resample the labels onto the image, or draw them on it."
-            )
-        array = labels.array
-    else:
-        array = np.asarray(labels)
-        if array.shape != image.shape:
-            raise FewLabelError(
-                f"Labels shape {array.shape} differs from the image shape {image.shape}: "
-                "draw the labels on this scan (same size along every axis)."
-            )
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
-            raise FewLabelError(
-                "The labels contain non-integer values: save the label map as integers "
-                "(0 = background, 1, 2, ... = structures)."
-            )
-    elif array.dtype.kind not in "iub":
-        raise FewLabelError(f"Labels of type {array.dtype} are not a label map: use integers.")
-    if array.min() < 0:
-        raise FewLabelError(
-            f"The labels contain a negative value ({int(array.min())}): use 0 for background "
-            "and 1, 2, ... for structures."
-        )
-    return array.astype(np.int64, copy=False)
-
-
-def _choose_classes(
-    job: FinetuneJob, max_label: int, start_card: ModelCard | None
-) -> tuple[SegmentationClass, ...]:
-    if job.classes is not None:
-        classes = check_classes(job.classes)
-    elif start_card is not None and max_label < len(start_card.classes):
-        classes = start_card.classes
-    else:
-        classes = default_classes(max(max_label, 1) + 1)
-    if max_label >= len(classes):
-        raise FewLabelError(
-            f"The labels contain the value {max_label}, but there are only {len(classes)} "
-            f"classes (0..{len(classes) - 1}: {', '.join(c.name for c in classes)}). "
-            "Add the missing classes, or repaint the voxels with a valid value."
-        )
-    return classes
-
-
-def _prepare(job: FinetuneJob) -> _Prepared:
-    notices: list[Notice] = []
-    labels = _check_labels(job)
-    start_card = None
-    start = starting_model(job)
-    unfit = default_encoder(job.image.modality) if job.model is None and start is None else None
-    if unfit is not None:
-        notices.append(
-            Notice(
-                f"The default encoder {unfit} was pretrained for another network than this "
-                "job's, so training starts from a random initialisation. Pretrain it again "
-                "with this version (`fewlabel pretrain`), or name a start with --model.",
-                "warning",
-            )
-        )
-    source = job.resume_from if job.resume_from is not None else start
-    if source is not None:
-        start_card = read_card(resolve_model(source))
-    extra_label_arrays = [_label_array(image, lab) for image, lab in job.extra_labelled]
-    max_label = max([int(labels.max())] + [int(a.max()) for a in extra_label_arrays])
-    classes = _choose_classes(job, max_label, start_card)
-
-    if job.axis is None:
-        choice = infer_slice_axis(labels)
-        axis = choice.axis
-        notices.append(Notice(choice.reason))
-    else:
-        axis = job.axis
-    check_one_axis(labels, axis)
-    labelled = labelled_slices(labels, axis)
-    if labelled.size == 0:
-        raise FewLabelError(
-            "No labelled slice found: every label is 0. Paint at least one slice "
-            "(any nonzero value on a slice marks the whole slice as labelled)."
-        )
-    n_slices = labels.shape[axis]
-    empty = check_empty_slices(labels, axis, job.empty_slices)
-    unlabelled = np.setdiff1d(np.arange(n_slices), np.union1d(labelled, empty))
-
-    held_out, why_not = _choose_held_out(
-        labels, axis, labelled, job.settings.validation_min_labelled
-    )
-    if why_not:
-        notices.append(Notice(why_not))
-
-    image = job.image.array
-    bad = count_nonfinite(image)
-    if bad:
-        if bad == image.size:
-            raise FewLabelError("Every voxel of the image is NaN or Inf: check the file.")
-        notices.append(
-            Notice(
-                f"{bad} image voxels are NaN or Inf; they are treated as the lowest "
-                "intensity (background). Check the scan if that is unexpected.",
-                "warning",
-            )
-        )
-
-    if start_card is not None and not is_encoder_only(start_card):
-        # A segmentation model: see the scan exactly as it was trained to.
-        normalization = start_card.normalization
-        architecture = replace(
-            UNetConfig.from_dict(start_card.architecture), num_classes=len(classes)
-        )
-        input_size = start_card.input_size
-    else:
-        # Random start, or a pretrained encoder: pretraining normalised every scan
-        # by its own modality as below, and an encoder is indifferent to input size.
-        if start_card is not None:
-            architecture = replace(
-                UNetConfig.from_dict(start_card.architecture), num_classes=len(classes)
-            )
-        else:
-            architecture = replace(job.architecture, num_classes=len(classes))
-        normalization = NormalizationConfig.for_modality(
-            job.image.modality, window_hu=job.ct_window_hu
-        )
-        slice_shape = tuple(s for a, s in enumerate(job.image.shape) if a != axis)
-        input_size = choose_input_size(
-            (slice_shape[0], slice_shape[1]),
-            max_side=job.max_input_side,
-            multiple=architecture.size_divisor,
-        )
-
-    mapping = fit_intensity(image, normalization)
-    stacks = [SliceStack(image, axis, mapping, input_size)]
-    given = np.union1d(labelled, empty)
-    fitted = fit_labels(labels, axis, given, stacks[0].fit)
-    labels_by_slice = {int(i): fitted[n] for n, i in enumerate(given)}
-    plane_max_side = max(job.max_input_side, *input_size)
-    cross_planes: list[CrossPlane] = []
-    if job.settings.planes == "all":
-        cross_planes, why_not = _cross_planes(
-            job, labels, axis, given, mapping, stacks[0], architecture, plane_max_side
-        )
-        notices.append(Notice(why_not or _describe_planes(cross_planes, axis)))
-
-    pool = [(0, int(i)) for i in unlabelled]
-    extra_labelled: list[tuple[int, int, torch.Tensor]] = []
-    for (extra_image, _), extra_labels in zip(job.extra_labelled, extra_label_arrays, strict=True):
-        if count_nonfinite(extra_image.array) == extra_image.array.size:
-            raise FewLabelError("An extra labelled volume is all NaN or Inf: drop it.")
-        stack = SliceStack(
-            extra_image.array, axis, fit_intensity(extra_image.array, normalization), input_size
-        )
-        extra_slices = labelled_slices(extra_labels, axis)
-        fitted_extra = fit_labels(extra_labels, axis, extra_slices, stack.fit)
-        extra_labelled.extend(
-            (len(stacks), int(i), fitted_extra[n]) for n, i in enumerate(extra_slices)
-        )
-        rest = np.setdiff1d(np.arange(len(stack)), extra_slices)
-        pool.extend((len(stacks), int(i)) for i in rest)
-        stacks.append(stack)
-    for extra in job.extra_unlabelled:
-        if count_nonfinite(extra.array) == extra.array.size:
-            raise FewLabelError("An extra unlabelled volume is all NaN or Inf: drop it.")
-        stack = SliceStack(extra.array, axis, fit_intensity(extra.array, normalization), input_size)
-        pool.extend((len(stacks), i) for i in range(len(stack)))
-        stacks.append(stack)
-    if job.settings.unlabelled_loss == "cps" and not pool:
-        notices.append(
-            Notice(
-                "Every slice is labelled and no extra unlabelled scan was given, so there is "
-                "nothing for the semi-supervised term: training supervised only.",
-                "warning",
-            )
-        )
-
-    train_labelled = np.setdiff1d(given, held_out)
-    return _Prepared(
-        stacks=stacks,
-        axis=axis,
-        classes=classes,
-        normalization=normalization,
-        input_size=input_size,
-        architecture=architecture,
-        labelled=train_labelled,
-        empty=empty,
-        held_out=held_out,
-        labels_by_slice=labels_by_slice,
-        extra_labelled=extra_labelled,
-        unlabelled_pool=pool,
-        notices=notices,
-        start_card=start_card,
-        start=start,
-        cross_planes=cross_planes,
-        plane_max_side=plane_max_side,
-    )
-
-
-#: Fewest slices along the labelled axis for the planes across it to be worth training:
-#: a coronal slice of a 4-slice scan is 4 rows tall.
-MIN_SLICES_FOR_CROSS_PLANES = 8
-
-_PLANE_NAMES = {0: "axial", 1: "coronal", 2: "sagittal"}
-
-
-def _cross_planes(
-    job: FinetuneJob,
-    labels: np.ndarray,
-    axis: int,
-    given: np.ndarray,
-    mapping: IntensityMapping,
-    main: SliceStack,
-    architecture: UNetConfig,
-    max_side: int,
-) -> tuple[list[CrossPlane], str | None]:
-    """The two planes across the labelled slices, or none and why not."""
-    n = labels.shape[axis]
-    if n < MIN_SLICES_FOR_CROSS_PLANES:
-        return [], (
-            f"The scan has {n} slices along the labelled axis, too few for slices across "
-            f"them (at least {MIN_SLICES_FOR_CROSS_PLANES}): training on the labelled plane only."
-        )
-    planes = []
-    for plane in in_plane_axes(axis):
-        fit = plane_fit(
-            job.image.shape, job.image.spacing_mm, axis, plane, main.fit,
-            architecture.size_divisor, max_side,
-        )  # fmt: skip
-        stack = SliceStack(job.image.array, plane, mapping, fit.input_size, fit=fit)
-        planes.append(CrossPlane(plane, stack, line_targets(labels, axis, given, plane, fit)))
-    return planes, None
-
-
-def _describe_planes(planes: list[CrossPlane], axis: int) -> str:
-    parts = [
-        f"{len(p)} {_PLANE_NAMES.get(p.axis, f'axis-{p.axis}')} slices at "
-        f"{p.stack.fit.input_size[0]}x{p.stack.fit.input_size[1]}"
-        for p in planes
-    ]
-    return (
-        "Also training on the planes across the labelled slices, whose labelled lines "
-        f"supervise them ({', '.join(parts)}); prediction averages the three planes."
-    )
-
-
-def labelled_draw_probabilities(is_empty: np.ndarray, empty_share: float) -> np.ndarray | None:
-    """How often to draw each labelled slice, or None when every slice is drawn equally.
-
-    Parameters
-    ----------
-    is_empty : ndarray of bool
-        One entry per labelled slice: True where the slice is marked empty.
-    empty_share : float
-        The most the marked slices may take of the draws together.
-
-    Returns
-    -------
-    ndarray or None
-        Probabilities summing to 1 (marked slices share ``empty_share`` evenly,
-        painted ones the rest), or None when equal draws already keep the
-        marked slices within their share.
-    """
-    n, n_empty = is_empty.size, int(np.count_nonzero(is_empty))
-    if n_empty in (0, n) or n_empty <= empty_share * n:
-        return None
-    return np.where(is_empty, empty_share / n_empty, (1 - empty_share) / (n - n_empty))
-
-
-def _painted_slices(data: _Prepared) -> list[int]:
-    """Slices of the scan with painted labels (training and held out), without the empty ones."""
-    return [int(i) for i in np.setdiff1d(np.union1d(data.labelled, data.held_out), data.empty)]
-
-
-def _choose_held_out(
-    labels: np.ndarray, axis: int, labelled: np.ndarray, min_labelled: int | None
-) -> tuple[np.ndarray, str | None]:
-    """Labelled slices to hold out for a validation Dice, and why none when there are none.
-
-    About one in five labelled slices, evenly spread, is held out, but only when
-    at least ``min_labelled`` slices are labelled and every structure on the
-    held-out slices is also on a slice that stays in training: a structure
-    seen on one slice only must be trained on, not used to keep score.
-    """
-    none = np.array([], dtype=np.int64)
-    if labelled.size < 2 or min_labelled is None:
-        return none, None
-    if labelled.size < min_labelled:
-        return none, (
-            f"No validation Dice: {labelled.size} labelled slices all go into training "
-            f"(a slice is held out for validation from {min_labelled} labelled slices on)."
-        )
-    n_hold = max(1, round(0.2 * labelled.size))
-    positions = sorted({int(p + 0.5) for p in np.linspace(0, labelled.size - 1, n_hold + 2)[1:-1]})
-    held_out = labelled[positions]
-    kept = np.setdiff1d(labelled, held_out)
-    classes_kept = set(np.unique(np.take(labels, kept, axis=axis)).tolist())
-    classes_held = set(np.unique(np.take(labels, held_out, axis=axis)).tolist())
-    if not classes_held <= classes_kept:
-        return none, (
-            "No validation Dice: a structure appears only on the slice that would be held "
-            "out, so every labelled slice goes into training. Paint one more slice with it "
-            "to get a validation score."
-        )
-    return held_out, None
-
-
 # ------------------------------------------------------------ out of memory
 @dataclass(frozen=True)
 class BatchSizes:
@@ -782,30 +420,153 @@ def _parameter_groups(
     return [{"params": encoder, "lr_scale": scale}, {"params": rest, "lr_scale": 1.0}]
 
 
-def _lr_factor(progress: float, step: int) -> float:
-    """Learning-rate multiplier: linear warm-up over 10 steps, constant, cosine to 0.1 over the last 25 %.
+@dataclass
+class _Start:
+    """The network training starts from, and where it stands."""
 
-    A cosine over the whole run starved the small structures, which a few-slice
-    run learns last (mean Dice 0.48 vs 0.86 at 200 steps on the phantom).
-    """
-    warm = min(1.0, (step + 1) / 10)
-    decay = max(0.0, (progress - 0.75) / 0.25)
-    return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, decay))))
+    network: TwoStreamUNet
+    started_from: str
+    steps_done: int = 0
+    optimizer_state: dict[str, Any] | None = None
+    notice: Notice | None = None
 
 
-def _foreground_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> float | None:
-    """Mean Dice over foreground classes present in ``truth`` or ``pred`` (hard labels)."""
-    scores = []
-    for k in range(1, num_classes):
-        p, t = pred == k, truth == k
-        denom = int(p.sum() + t.sum())
-        if denom:
-            scores.append(2 * int((p & t).sum()) / denom)
-    return float(np.mean(scores)) if scores else None
+def _start_network(job: FinetuneJob, data: PreparedData) -> _Start:
+    """A random network, the job's start (encoder or all weights), or the run to resume."""
+    network = TwoStreamUNet(data.architecture)
+    if job.resume_from is not None:
+        resumed = load_checkpoint(resolve_model(job.resume_from))
+        if resumed.card.classes != data.classes:
+            raise FewLabelError(
+                "The checkpoint to resume has other classes than this job: resume with the "
+                "same labels and classes, or start a new run with --model."
+            )
+        network.load_state_dict(resumed.network.state_dict())
+        step0 = int(resumed.card.training.get("steps_done", 0))
+        return _Start(
+            network,
+            str(resumed.card.training.get("started_from", RANDOM_START)),
+            step0,
+            load_optimizer_state(resolve_model(job.resume_from)),
+            Notice(f"Resuming from {Path(job.resume_from).name} at step {step0}."),
+        )
+    if data.start is None:
+        return _Start(network, RANDOM_START)
+    path = resolve_model(data.start)
+    name = Path(data.start).name if job.model is None else str(job.model)
+    assert data.start_card is not None
+    if not is_encoder_only(data.start_card) and data.start_card.classes == data.classes:
+        network.load_state_dict(load_checkpoint(path).network.state_dict())
+        started_from = f"{name} (all weights)"
+    else:
+        load_encoder_weights(network, path)
+        started_from = f"{name} (encoder)"
+    return _Start(network, started_from, notice=Notice(f"Starting from {started_from}."))
+
+
+def _model_card(
+    job: FinetuneJob,
+    data: PreparedData,
+    *,
+    use_cps: bool,
+    started_from: str,
+    steps_done: int,
+    steps_planned: int,
+    val_dice: float | None,
+    device: str,
+    precision: str,
+    train_seconds: float,
+) -> ModelCard:
+    """The card saved with every checkpoint: what the model is and how it was trained."""
+    settings, in_slices = job.settings, data.architecture.in_slices
+    method = (
+        "IDEAL two-stream fine-tuning: Dice+CE on labelled slices, cross "
+        "pseudo-supervision on unlabelled slices"
+        if use_cps
+        else "two-stream supervised fine-tuning: Dice+CE on labelled slices"
+    )
+    if data.cross_planes:
+        method += (
+            "; tri-planar: coronal and sagittal slices trained on the labelled slices' "
+            "lines, the three planes averaged at prediction"
+        )
+    return ModelCard(
+        architecture=data.architecture.to_dict(),
+        classes=data.classes,
+        modality=job.image.modality,
+        normalization=data.normalization,
+        input_size=data.input_size,
+        slice_axis=data.axis,
+        training={
+            "method": method,
+            "paper_faithful": not settings.differences_from_paper(in_slices) and use_cps,
+            "differences_from_paper": settings.differences_from_paper(in_slices),
+            "settings": settings.to_dict(),
+            "data": {
+                "image_shape": list(job.image.shape),
+                "spacing_mm": list(job.image.spacing_mm),
+                "modality": job.image.modality,
+                "slice_axis": data.axis,
+                "labelled_slices": painted_slices(data),
+                "empty_slices": [int(i) for i in data.empty],
+                "held_out_slices": [int(i) for i in data.held_out],
+                "unlabelled_slices": len(data.unlabelled_pool),
+                "extra_unlabelled_volumes": len(job.extra_unlabelled),
+                "extra_labelled_volumes": len(job.extra_labelled),
+                "source": str(job.image.header.get("path", "in memory")),
+            },
+            "started_from": started_from,
+            "steps_done": steps_done,
+            "steps_planned": steps_planned,
+            "seed": job.seed,
+            "val_dice": val_dice,
+            "device": device,
+            "precision": precision,
+            "train_seconds": round(train_seconds, 1),
+        },
+        inference={
+            "test_time_flips": settings.test_time_flips,
+            "planes": [data.axis, *(p.axis for p in data.cross_planes)],
+            "plane_max_side": data.plane_max_side,
+        },
+    )
+
+
+class _Clock:
+    """Progress through the run: by steps, or by elapsed time under a time budget."""
+
+    def __init__(self, steps: int, budget_s: float | None) -> None:
+        self.steps = steps
+        self.budget_s = budget_s
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def progress(self, step: int) -> float:
+        p = step / self.steps
+        if self.budget_s is not None:
+            p = max(p, self.elapsed() / self.budget_s)
+        return min(1.0, p)
+
+    def total_and_eta(self, step: int, seconds_per_step: float) -> tuple[int, float]:
+        """The steps the run will do and the seconds left."""
+        if self.budget_s is None:
+            return self.steps, (self.steps - step) * seconds_per_step
+        p = self.progress(step)
+        total = max(step, min(self.steps, round(step / p) if p > 0 else self.steps))
+        eta = max(0.0, min(self.budget_s - self.elapsed(), (total - step) * seconds_per_step))
+        return total, eta
 
 
 def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     """Fine-tune on ``job``; yields Notice/Progress events and one final Done.
+
+    The pieces, each readable on its own: :func:`~.finetune_data.prepare_data`
+    (checks and lays out the data), :class:`~.finetune_batches.TrainingBatches`
+    (which slices a step sees), :class:`~.finetune_step.TrainingStep` (losses
+    and update), :mod:`~.finetune_scores` (validation), :func:`_model_card`
+    and :func:`~napari_fewlabel.models.checkpoint.save_checkpoint` (checkpoints).
 
     Parameters
     ----------
@@ -823,361 +584,110 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     out = check_output_path(job.out)
     if job.steps < 1:
         raise FewLabelError(f"steps must be at least 1, got {job.steps}.")
-    data = _prepare(job)
+    data = prepare_data(job)
     yield from data.notices
 
     torch.manual_seed(job.seed)
     generator = torch.Generator().manual_seed(job.seed)
-    rng = np.random.default_rng(job.seed)
     device = resolve_device(job.device)
     device_text = describe_device(device)
     precision = precision_for(device)
     settings = job.settings
     use_cps = settings.unlabelled_loss == "cps" and bool(data.unlabelled_pool)
 
-    network = TwoStreamUNet(data.architecture)
-    step0 = 0
-    started_from = RANDOM_START
-    optimizer_state = None
-    if job.resume_from is not None:
-        resumed = load_checkpoint(resolve_model(job.resume_from))
-        if resumed.card.classes != data.classes:
-            raise FewLabelError(
-                "The checkpoint to resume has other classes than this job: resume with the "
-                "same labels and classes, or start a new run with --model."
-            )
-        network.load_state_dict(resumed.network.state_dict())
-        step0 = int(resumed.card.training.get("steps_done", 0))
-        started_from = str(resumed.card.training.get("started_from", started_from))
-        optimizer_state = load_optimizer_state(resolve_model(job.resume_from))
-        yield Notice(f"Resuming from {Path(job.resume_from).name} at step {step0}.")
-    elif data.start is not None:
-        path = resolve_model(data.start)
-        name = Path(data.start).name if job.model is None else str(job.model)
-        assert data.start_card is not None
-        if not is_encoder_only(data.start_card) and data.start_card.classes == data.classes:
-            network.load_state_dict(load_checkpoint(path).network.state_dict())
-            started_from = f"{name} (all weights)"
-        else:
-            load_encoder_weights(network, path)
-            started_from = f"{name} (encoder)"
-        yield Notice(f"Starting from {started_from}.")
-    network.to(device).train()
-
-    trained_start = started_from != RANDOM_START
+    begin = _start_network(job, data)
+    if begin.notice is not None:
+        yield begin.notice
+    network = begin.network.to(device).train()
     optimizer = torch.optim.AdamW(
-        _parameter_groups(network, settings, trained_start),
+        _parameter_groups(network, settings, begin.started_from != RANDOM_START),
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
     )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    scaler = torch.amp.GradScaler("cuda") if precision.needs_grad_scaler else None
-
-    in_slices = data.architecture.in_slices
-    main = data.stacks[0]
-    batch = BatchSizes(settings.batch_labelled, settings.batch_unlabelled)
-    labelled_pool = data.labelled
-    held_out = data.held_out
-    rejoined = False
+    if begin.optimizer_state is not None:
+        optimizer.load_state_dict(begin.optimizer_state)
+    batches = TrainingBatches(data, job.seed, settings.empty_share, settings.labelled_plane_share)
+    train_step = TrainingStep(
+        network, optimizer, settings, batches,
+        use_cps=use_cps, trained_start=begin.started_from != RANDOM_START,
+        generator=generator, device=device, precision=precision,
+    )  # fmt: skip
+    sizes = BatchSizes(settings.batch_labelled, settings.batch_unlabelled)
+    agreement_on = agreement_slices(data.unlabelled_pool)
+    num_classes = len(data.classes)
+    clock = _Clock(job.steps, job.time_budget_s)
+    val_dice: float | None = None
     last_val_dice: float | None = None
+    agreement: float | None = None
     losses: dict[str, float] = {}
     total = job.steps
-    start = time.perf_counter()
-    last_save = start
+    last_save = clock.start
     step_times: list[float] = []
     advice = (
         f"The input is {data.input_size[0]}x{data.input_size[1]}: use a smaller --max-input-side, "
         "close other programs using the GPU, or train on the CPU with --device cpu."
     )
 
-    def progress_at(step: int) -> float:
-        p = step / job.steps
-        if job.time_budget_s is not None:
-            p = max(p, (time.perf_counter() - start) / job.time_budget_s)
-        return min(1.0, p)
-
-    def card_for(steps_done: int) -> ModelCard:
-        return ModelCard(
-            architecture=data.architecture.to_dict(),
-            classes=data.classes,
-            modality=job.image.modality,
-            normalization=data.normalization,
-            input_size=data.input_size,
-            slice_axis=data.axis,
-            training={
-                "method": (
-                    "IDEAL two-stream fine-tuning: Dice+CE on labelled slices, cross "
-                    "pseudo-supervision on unlabelled slices"
-                    if use_cps
-                    else "two-stream supervised fine-tuning: Dice+CE on labelled slices"
-                )
-                + (
-                    "; tri-planar: coronal and sagittal slices trained on the labelled "
-                    "slices' lines, the three planes averaged at prediction"
-                    if data.cross_planes
-                    else ""
-                ),
-                "paper_faithful": not settings.differences_from_paper(in_slices) and use_cps,
-                "differences_from_paper": settings.differences_from_paper(in_slices),
-                "settings": settings.to_dict(),
-                "data": {
-                    "image_shape": list(job.image.shape),
-                    "spacing_mm": list(job.image.spacing_mm),
-                    "modality": job.image.modality,
-                    "slice_axis": data.axis,
-                    "labelled_slices": _painted_slices(data),
-                    "empty_slices": [int(i) for i in data.empty],
-                    "held_out_slices": [int(i) for i in data.held_out],
-                    "unlabelled_slices": len(data.unlabelled_pool),
-                    "extra_unlabelled_volumes": len(job.extra_unlabelled),
-                    "extra_labelled_volumes": len(job.extra_labelled),
-                    "source": str(job.image.header.get("path", "in memory")),
-                },
-                "started_from": started_from,
-                "steps_done": steps_done,
-                "steps_planned": total,
-                "seed": job.seed,
-                "val_dice": last_val_dice,
-                "device": device_text,
-                "precision": precision.name,
-                "train_seconds": round(time.perf_counter() - start, 1),
-            },
-            inference={
-                "test_time_flips": settings.test_time_flips,
-                "planes": [data.axis, *(p.axis for p in data.cross_planes)],
-                "plane_max_side": data.plane_max_side,
-            },
-        )
-
     def save(steps_done: int) -> Path:
+        card = _model_card(
+            job, data, use_cps=use_cps, started_from=begin.started_from,
+            steps_done=steps_done, steps_planned=total, val_dice=last_val_dice,
+            device=device_text, precision=precision.name, train_seconds=clock.elapsed(),
+        )  # fmt: skip
         network.eval()
-        path = save_checkpoint(out, network, card_for(steps_done), optimizer=optimizer)
+        path = save_checkpoint(out, network, card, optimizer=optimizer)
         network.train()
         return path
 
-    def draw_weights(pool: np.ndarray) -> np.ndarray | None:
-        """Draw probabilities over ``pool`` then the extra labelled slices (None: equal)."""
-        is_empty = np.concatenate(
-            [np.isin(pool, data.empty), np.zeros(len(data.extra_labelled), bool)]
-        )
-        return labelled_draw_probabilities(is_empty, settings.empty_share)
-
-    weights = draw_weights(labelled_pool)  # again when held-out slices rejoin
-
-    def sample_labelled(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Without weights this is the stream of rng.choice(labelled_pool), as before the cap.
-        picks = rng.choice(len(labelled_pool) + len(data.extra_labelled), size=n, p=weights)
-        if (picks < len(labelled_pool)).all():  # all from the scan: one batched read
-            centres = labelled_pool[picks]
-            x = main.windows(torch.from_numpy(centres), in_slices)
-            y = torch.stack([data.labels_by_slice[int(c)] for c in centres])
-            return x, y
-        xs, ys = [], []
-        for k in picks:
-            if k < len(labelled_pool):
-                s, i, y = 0, int(labelled_pool[k]), data.labels_by_slice[int(labelled_pool[k])]
-            else:
-                s, i, y = data.extra_labelled[k - len(labelled_pool)]
-            xs.append(data.stacks[s].windows(torch.tensor([i]), in_slices))
-            ys.append(y)
-        return torch.cat(xs), torch.stack(ys)
-
-    def sample_unlabelled(n: int) -> torch.Tensor:
-        picks = rng.integers(0, len(data.unlabelled_pool), size=n)
-        windows = [
-            data.stacks[s].windows(torch.tensor([i]), in_slices)
-            for s, i in (data.unlabelled_pool[p] for p in picks)
-        ]
-        return torch.cat(windows)
-
-    # A stream of its own, so that a labelled-plane-only run draws exactly as before.
-    plane_rng = np.random.default_rng([job.seed, 1])
-
-    def choose_plane() -> CrossPlane | None:
-        """The plane of this step's slices: None for the labelled plane."""
-        if not data.cross_planes or plane_rng.random() < settings.labelled_plane_share:
-            return None
-        return data.cross_planes[int(plane_rng.integers(len(data.cross_planes)))]
-
-    def train_step(b: BatchSizes, step: int) -> dict[str, float]:
-        p = progress_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(p, step) * group["lr_scale"]
-        # A frozen encoder gets no gradient, so AdamW leaves it (and its moments) alone.
-        network.encoder.requires_grad_(not (trained_start and p < settings.encoder_frozen_for))
-        cps_w = 0.0
-        if use_cps and p >= settings.supervised_warmup:
-            cps_w = settings.cps_weight * sigmoid_rampup(
-                p - settings.supervised_warmup, settings.cps_rampup
-            )
-        optimizer.zero_grad(set_to_none=True)
-        aug = settings.augment
-        plane = choose_plane()
-        if plane is None:
-            x_l, y_l = sample_labelled(b.labelled)
-        else:
-            x_l, y_l = plane.labelled_batch(b.labelled, in_slices, rng)
-        x_l, y_l = x_l.to(device), y_l.to(device)
-        x_l, y_l_warped = warp(x_l, y_l, random_geometry(b.labelled, aug, generator, device))
-        assert y_l_warped is not None
-        x_l = jitter_intensity(
-            x_l,
-            generator,
-            contrast=aug.contrast,
-            brightness=aug.brightness,
-            noise_std=aug.noise_std,
-        )
-        parts: dict[str, float] = {}
-        with autocast(device, precision):
-            if cps_w > 0:
-                unlabelled = (
-                    sample_unlabelled(b.unlabelled)
-                    if plane is None
-                    else plane.unlabelled_batch(b.unlabelled, in_slices, rng)
-                )
-                x_u, _ = warp(
-                    unlabelled.to(device),
-                    None,
-                    random_geometry(b.unlabelled, aug, generator, device),
-                )
-                weak = jitter_intensity(
-                    x_u, generator, contrast=aug.contrast, brightness=aug.brightness,
-                    noise_std=aug.noise_std,
-                )  # fmt: skip
-                teacher_a = teacher_b = None
-                student_input = weak
-                if settings.strong_view:
-                    with torch.no_grad():
-                        teacher_a, teacher_b = network(weak)
-                    student_input = strong_view(weak, aug, generator)
-                logits_a, logits_b = network(torch.cat([x_l, student_input]))
-                n = b.labelled
-                sup_a, pa = dice_ce_loss(logits_a[:n], y_l_warped)
-                sup_b, _ = dice_ce_loss(logits_b[:n], y_l_warped)
-                cps, pc = cross_pseudo_supervision_loss(
-                    logits_a[n:],
-                    logits_b[n:],
-                    teacher_1=teacher_a,
-                    teacher_2=teacher_b,
-                    threshold=settings.confidence_threshold,
-                )
-                loss = sup_a + sup_b + cps_w * cps
-                parts = {"cps": float(cps.detach()), "cps_kept": pc["cps_kept"]}
-            else:
-                logits_a, logits_b = network(x_l)
-                sup_a, pa = dice_ce_loss(logits_a, y_l_warped)
-                sup_b, _ = dice_ce_loss(logits_b, y_l_warped)
-                loss = sup_a + sup_b
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if not math.isfinite(float(loss.detach())):
-            raise FewLabelError(
-                "Training diverged (the loss became NaN/Inf): lower the learning rate, "
-                "or check the image for extreme values."
-            )
-        return {
-            "total": float(loss.detach()),
-            "supervised": float((sup_a + sup_b).detach()) / 2,
-            "train_dice": pa["dice"],
-            "cps_weight": cps_w,
-            **parts,
-        }
-
-    @torch.no_grad()
-    def validate() -> float | None:
-        if held_out.size == 0:
-            return None
-        network.eval()
-        preds, truths = [], []
-        for i in held_out:
-            x = main.windows(torch.tensor([int(i)]), in_slices).to(device)
-            with autocast(device, precision):
-                proba = network.predict_proba(x)
-            preds.append(proba.argmax(dim=1).cpu())
-            truths.append(data.labels_by_slice[int(i)][None])
-        network.train()
-        return _foreground_dice(torch.cat(preds), torch.cat(truths), len(data.classes))
-
-    agreement_slices = np.array([i for s, i in data.unlabelled_pool if s == 0], dtype=np.int64)
-    if agreement_slices.size > 8:
-        agreement_slices = agreement_slices[
-            np.linspace(0, agreement_slices.size - 1, 8).astype(int)
-        ]
-
-    @torch.no_grad()
-    def stream_agreement() -> float | None:
-        """Dice between the two streams' labels on a few unlabelled slices (costs no label)."""
-        if agreement_slices.size == 0:
-            return None
-        network.eval()
-        x = main.windows(torch.from_numpy(agreement_slices), in_slices).to(device)
-        with autocast(device, precision):
-            logits_a, logits_b = network(x)
-        network.train()
-        return _foreground_dice(
-            logits_a.argmax(dim=1).cpu(), logits_b.argmax(dim=1).cpu(), len(data.classes)
+    def summary(step: int) -> dict[str, Any]:
+        return _summary(
+            step, total, losses, last_val_dice, clock.start, device_text, data, agreement
         )
 
-    agreement: float | None = None
     marked = f" ({data.empty.size} of them marked empty)" if data.empty.size else ""
     yield Notice(
         f"Fine-tuning on {device_text} ({precision.name}): "
-        f"{len(labelled_pool) + len(data.extra_labelled)} labelled "
-        f"slice(s) for training{marked}, {held_out.size} held out for validation, "
+        f"{len(batches.labelled_pool) + len(data.extra_labelled)} labelled "
+        f"slice(s) for training{marked}, {batches.held_out.size} held out for validation, "
         f"{len(data.unlabelled_pool)} unlabelled slice(s), input "
         f"{data.input_size[0]}x{data.input_size[1]}, {total} steps."
     )
-    checkpoint: Path | None = None
-    step = step0
-    if step0 >= total:
-        yield Notice(f"The checkpoint has already done {step0} of {total} steps: nothing to train.")
-    while step < total and progress_at(step) < 1.0:
+    step = begin.steps_done
+    if step >= total:
+        yield Notice(f"The checkpoint has already done {step} of {total} steps: nothing to train.")
+    while step < total and clock.progress(step) < 1.0:
         if cancel is not None and cancel.is_set():
-            checkpoint = save(step)
-            yield Done(
-                checkpoint,
-                _summary(step, total, losses, last_val_dice, start, device_text, data, agreement),
-                cancelled=True,
-            )
+            yield Done(save(step), summary(step), cancelled=True)
             return
         if (
-            not rejoined
-            and held_out.size
+            batches.held_out.size
             and settings.validation_rejoin_at is not None
-            and progress_at(step) >= settings.validation_rejoin_at
+            and clock.progress(step) >= settings.validation_rejoin_at
         ):
-            labelled_pool = np.union1d(labelled_pool, held_out)
-            weights = draw_weights(labelled_pool)
-            held_out = np.array([], dtype=np.int64)
-            rejoined = True
+            batches.rejoin_held_out()
             yield Notice("The held-out validation slices now join training for the last steps.")
         t0 = time.perf_counter()
-        losses, batch, notices = step_with_oom_fallback(
-            functools.partial(train_step, step=step), batch, advice=advice
-        )
+        progress = clock.progress(step)
+
+        def one_step(b: BatchSizes, step: int = step, p: float = progress) -> dict[str, float]:
+            return train_step(b.labelled, b.unlabelled, step, p)
+
+        losses, sizes, notices = step_with_oom_fallback(one_step, sizes, advice=advice)
         yield from notices
         step += 1
         step_times.append(time.perf_counter() - t0)
         val_dice = None
-        if held_out.size and (step % settings.validate_every == 0 or step == total):
-            val_dice = validate()
-            last_val_dice = val_dice
-        if step % settings.validate_every == 0 or step == total:
-            agreement = stream_agreement()
-        recent = float(np.mean(step_times[-20:]))
-        if job.time_budget_s is not None:
-            elapsed = time.perf_counter() - start
-            p = progress_at(step)
-            total = max(step, min(job.steps, round(step / p) if p > 0 else job.steps))
-            eta = max(0.0, min(job.time_budget_s - elapsed, (total - step) * recent))
-        else:
-            eta = (total - step) * recent
+        scoring = step % settings.validate_every == 0 or step == total
+        if scoring and batches.held_out.size:
+            val_dice = last_val_dice = held_out_dice(
+                network, data.stacks[0], batches.held_out, data.labels_by_slice,
+                num_classes, device, precision,
+            )  # fmt: skip
+        if scoring:
+            agreement = stream_agreement(
+                network, data.stacks[0], agreement_on, num_classes, device, precision
+            )
+        total, eta = clock.total_and_eta(step, float(np.mean(step_times[-20:])))
         yield Progress(
             step=step,
             total=total,
@@ -1195,14 +705,10 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             },
         )
         if time.perf_counter() - last_save >= job.checkpoint_every_s:
-            checkpoint = save(step)
+            save(step)
             last_save = time.perf_counter()
     total = step
-    checkpoint = save(step)
-    yield Done(
-        checkpoint,
-        _summary(step, total, losses, last_val_dice, start, device_text, data, agreement),
-    )
+    yield Done(save(step), summary(step))
 
 
 def _summary(
@@ -1212,7 +718,7 @@ def _summary(
     val_dice: float | None,
     start: float,
     device: str,
-    data: _Prepared,
+    data: PreparedData,
     agreement: float | None = None,
 ) -> dict[str, Any]:
     return {
@@ -1224,7 +730,7 @@ def _summary(
         "val_dice": val_dice,
         "device": device,
         "slice_axis": data.axis,
-        "labelled_slices": _painted_slices(data),
+        "labelled_slices": painted_slices(data),
         "empty_slices": [int(i) for i in data.empty],
         "held_out_slices": [int(i) for i in data.held_out],
         "input_size": list(data.input_size),
