@@ -181,7 +181,10 @@ def inference_speed(repeats: int, device: torch.device) -> dict[str, Any]:
     }
 
 
-def _model(modality: str, network: TwoStreamUNet | None = None) -> SegmentationModel:
+def _model(
+    modality: str, network: TwoStreamUNet | None = None, planes: int = 1
+) -> SegmentationModel:
+    """A random model; ``planes=3`` predicts as the default engine does (three planes averaged)."""
     config = UNetConfig(3, CLASSES)
     card = ModelCard(
         architecture=config.to_dict(),
@@ -189,6 +192,7 @@ def _model(modality: str, network: TwoStreamUNet | None = None) -> SegmentationM
         modality=modality,  # type: ignore[arg-type]
         normalization=NormalizationConfig.for_modality(modality),  # type: ignore[arg-type]
         input_size=(SIZE, SIZE),
+        inference={"planes": [0, 1, 2][:planes], "plane_max_side": SIZE},
     )
     return SegmentationModel((network or TwoStreamUNet(config)).eval(), card)
 
@@ -206,12 +210,12 @@ def _rss_mb() -> float:
     return _status_mb("VmRSS")
 
 
-def memory_child(path: str) -> None:
+def memory_child(path: str, planes: int) -> None:
     """Run in a fresh process: load a model, then a volume, predict; report memory in MiB."""
     from napari_fewlabel.infer.predict import predict_volume
     from napari_fewlabel.io.volume import Volume
 
-    model = _model("CT")
+    model = _model("CT", planes=planes)
     before = _rss_mb()
     if path.endswith(".npy"):
         array = np.load(path)
@@ -233,6 +237,7 @@ def memory_child(path: str) -> None:
         json.dumps(
             {
                 "shape_zyx": list(volume.shape),
+                "planes": planes,
                 "dtype": str(array.dtype),
                 "volume_mb": round(array.nbytes / 2**20, 1),
                 "labels_mb": round(labels.nbytes / 2**20, 1),
@@ -247,7 +252,7 @@ def memory_child(path: str) -> None:
     )
 
 
-def memory(lung1: Path) -> dict[str, Any]:
+def memory(lung1: Path, planes: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     cases: dict[str, str] = {}
@@ -271,7 +276,7 @@ def memory(lung1: Path) -> dict[str, Any]:
             cases[f"synthetic_ct_512x512x{slices}"] = str(path)
         for name, path in cases.items():
             result = subprocess.run(
-                [sys.executable, __file__, "--memory-child", path],
+                [sys.executable, __file__, "--memory-child", path, "--planes", str(planes)],
                 capture_output=True,
                 text=True,
                 env=env,
@@ -319,10 +324,23 @@ def main() -> None:
     )
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--planes",
+        type=int,
+        choices=(1, 3),
+        default=3,
+        help="planes the memory cases predict along (3: the default engine; 1: before 2026-12)",
+    )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the memory cases (CPU prediction)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child)
+        memory_child(args.memory_child, args.planes)
+        return
+    if args.memory_only:
+        print(json.dumps({"memory": memory(args.lung1, args.planes)}, indent=1))
         return
     device = resolve_device(args.device)
     report: dict[str, Any] = {
@@ -335,7 +353,7 @@ def main() -> None:
         "inference": inference_speed(args.repeats, device),
     }
     if device.type == "cpu":
-        report["memory"] = memory(args.lung1)
+        report["memory"] = memory(args.lung1, args.planes)
     if not args.skip_finetune:
         report["default_finetune"] = default_finetune(device)
     print(json.dumps(report, indent=1))

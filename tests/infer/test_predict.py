@@ -120,3 +120,59 @@ def test_bad_arguments_are_user_errors(model):
         predict_volume(model, _volume(), batch_size=0)
     with pytest.raises(FewLabelError, match="NaN or Inf"):
         predict_volume(model, Volume.from_array(np.full((2, 8, 8), np.nan)), device="cpu")
+
+
+def _with_planes(model, planes):
+    from dataclasses import replace
+
+    from napari_fewlabel.models.checkpoint import SegmentationModel
+
+    card = replace(model.card, inference={**model.card.inference, "planes": planes})
+    return SegmentationModel(model.network, card)
+
+
+def _plane_probabilities(model, volume: Volume, plane: int) -> np.ndarray:
+    """Mean-of-streams softmax of every slice along ``plane``, written out by hand: ``(K, z, y, x)``.
+
+    Isotropic voxels and slices smaller than the input: no resizing, only padding.
+    """
+    mapping = normalization.fit_intensity(volume.array, model.card.normalization)
+    moved = np.moveaxis(mapping(volume.array), plane, 0)
+    n, h, w = moved.shape
+    divisor = model.network.config.size_divisor
+    if plane == model.card.slice_axis:
+        size = model.card.input_size
+    else:  # square pixels already: the resampled slice is the slice, padded to the divisor
+        size = (h + (-h) % divisor, w + (-w) % divisor)
+    top, left = (size[0] - h) // 2, (size[1] - w) // 2
+    out = np.zeros((len(model.card.classes), n, h, w), dtype=np.float32)
+    for i in range(n):
+        window = moved[np.clip([i - 1, i, i + 1], 0, n - 1)]
+        x = np.full((1, 3, *size), mapping.background, dtype=np.float32)
+        x[0, :, top : top + h, left : left + w] = window
+        with torch.no_grad():
+            proba = model.network.predict_proba(torch.from_numpy(x))[0].numpy()
+        out[:, i] = proba[:, top : top + h, left : left + w]
+    return np.moveaxis(out, 1, plane + 1)
+
+
+def test_a_three_plane_model_predicts_the_argmax_of_the_planes_mean(model):
+    volume = _volume(shape=(12, 20, 16))  # 1 mm voxels: the planes across need no resizing
+    three = _with_planes(model, [0, 1, 2])
+    labels = predict_volume(three, volume, device="cpu")
+    mean = sum(_plane_probabilities(model, volume, p) for p in (0, 1, 2)) / 3
+    expected = mean.argmax(axis=0)
+    # the sum is kept as bytes: only near-ties may differ
+    assert np.mean(labels == expected) > 0.99
+    close = np.sort(mean, axis=0)[-1] - np.sort(mean, axis=0)[-2] < 0.02
+    assert np.all((labels == expected) | close)
+    # and it is not the labelled plane's answer alone
+    assert not np.array_equal(labels, predict_volume(model, volume, device="cpu"))
+
+
+def test_a_thin_scan_is_predicted_along_the_labelled_plane_only(model):
+    volume = _volume(shape=(5, 32, 24))
+    three = _with_planes(model, [0, 1, 2])
+    np.testing.assert_array_equal(
+        predict_volume(three, volume, device="cpu"), predict_volume(model, volume, device="cpu")
+    )

@@ -461,3 +461,37 @@ def test_slices_marked_empty_take_at_most_their_share_of_the_labelled_draws(make
     assert training["settings"]["empty_share"] == 0.2
     with pytest.raises(FewLabelError, match="empty_share"):
         FinetuneSettings(empty_share=0.0)
+
+
+def test_planes_auto_keeps_a_small_structure_on_the_painted_plane(make_job, tiny_case, tmp_path):
+    """A 3x3 blob (0.2 % of its slices) trains on the painted plane only; a 40x40 one
+    trains on the planes across too, and the card says which planes predict."""
+    small = np.zeros(tiny_case.image.shape, dtype=np.uint8)
+    small[[6, 11], 30:33, 30:33] = 1
+    auto = replace(make_job().settings, planes="auto")
+    events = _events(
+        make_job(
+            steps=1, labels=small, classes=named_classes(["background", "blob"]), settings=auto
+        )
+    )
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert any("blob covers 0.2% of the slices" in m for m in notices), notices
+    assert read_card(events[-1].checkpoint).inference["planes"] == [0]
+
+    large = np.zeros(tiny_case.image.shape, dtype=np.uint8)
+    large[[6, 11], 10:50, 10:50] = 1
+    events = _events(
+        make_job(
+            steps=1,
+            labels=large,
+            classes=named_classes(["background", "organ"]),
+            settings=auto,
+            out=tmp_path / "organ.safetensors",
+        )
+    )
+    assert any(
+        "planes across the labelled slices" in e.message for e in events if isinstance(e, Notice)
+    )
+    card = read_card(events[-1].checkpoint)
+    assert card.inference["planes"] == [0, 1, 2]
+    assert len(card.inference["plane_weights"]) == 3

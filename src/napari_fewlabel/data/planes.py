@@ -26,6 +26,10 @@ from napari_fewlabel.data.input_fit import InputFit
 from napari_fewlabel.data.slice_stack import SliceStack
 from napari_fewlabel.losses.dice_ce import IGNORE_INDEX
 
+#: Fewest slices along the labelled axis for the planes across it to be worth training
+#: or predicting: a coronal slice of a 4-slice scan is 4 rows tall.
+MIN_SLICES_FOR_CROSS_PLANES = 8
+
 
 def in_plane_axes(axis: int) -> tuple[int, int]:
     """The two array axes of a slice taken along ``axis`` of a ``(z, y, x)`` array, in order."""

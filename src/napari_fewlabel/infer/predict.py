@@ -20,7 +20,7 @@ import torch
 
 from napari_fewlabel.data.input_fit import InputFit
 from napari_fewlabel.data.normalization import IntensityMapping, count_nonfinite, fit_intensity
-from napari_fewlabel.data.planes import plane_fit
+from napari_fewlabel.data.planes import MIN_SLICES_FOR_CROSS_PLANES, plane_fit
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import SegmentationModel
@@ -103,27 +103,45 @@ def predict_volume(
         batch_size = 2 if dev.type == "cpu" else 16
     run = _PlaneRun(model.network.to(dev).eval(), array, mapping, dev, batch_size, test_time_flips)
     planes = [int(p) for p in card.inference.get("planes", [axis])]
+    if array.shape[axis] < MIN_SLICES_FOR_CROSS_PLANES:
+        planes = [axis]  # as training does: slices across a thin scan are a few rows tall
     if len(planes) <= 1:
         out_moved = np.moveaxis(out, axis, 0)  # a view: writing it fills ``out``
         for start, stop, proba in run.along(axis, main_fit):
             out_moved[start:stop] = proba.argmax(dim=1).numpy().astype(out.dtype)
         return out
 
-    # Several planes: average their probabilities, kept as bytes (each plane adds at
-    # most 255 // planes), so the sum costs one byte per class and voxel.
-    share = 255 // len(planes)
+    # Several planes: a weighted mean of their probabilities, kept as bytes (plane p
+    # adds at most its share of 255), so the sum costs one byte per class and voxel.
+    shares = _plane_shares(planes, card.inference.get("plane_weights"))
     total = np.zeros((num_classes, *array.shape), dtype=np.uint8)
     max_side = int(card.inference.get("plane_max_side", max(card.input_size)))
     divisor = model.network.config.size_divisor
-    for plane in sorted(set(planes), key=lambda p: p != axis):
+    for plane, share in shares.items():
+        if share == 0:
+            continue
         fit = plane_fit(array.shape, volume.spacing_mm, axis, plane, main_fit, divisor, max_side)
         total_moved = np.moveaxis(total, plane + 1, 1)  # (K, slices along plane, ...)
         for start, stop, proba in run.along(plane, fit):
-            quantised = (proba * share).round().to(torch.uint8).numpy()
+            quantised = (proba * share).floor().to(torch.uint8).numpy()
             total_moved[:, start:stop] += quantised.transpose(1, 0, 2, 3)
     for z in range(array.shape[0]):  # argmax slice by slice: no K x volume int64 index
         out[z] = total[:, z].argmax(axis=0)
     return out
+
+
+def _plane_shares(planes: list[int], weights: list[float] | None) -> dict[int, int]:
+    """Each plane's share of 255 in the byte sum: by the card's ``plane_weights``, else equal.
+
+    The weights say how well each plane fits the labels it was trained on
+    (``train.finetune_scores.plane_reliability``): a plane that has not learnt
+    the structures gets little say. No positive weight: equal shares.
+    """
+    if weights is None or len(weights) != len(planes) or sum(max(0.0, w) for w in weights) <= 0:
+        weights = [1.0] * len(planes)
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 0.0)
+    w = w / w.sum()
+    return {int(p): int(255 * share) for p, share in zip(planes, w, strict=True)}
 
 
 class _PlaneRun:

@@ -475,7 +475,9 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                 "precision": precision.name,
                 "train_seconds": round(time.perf_counter() - start, 1),
             },
-            inference=card.inference,
+            # The domain adaptation module learnt CT slices of one plane only: predict
+            # along that plane, whatever planes the source model averaged.
+            inference={**card.inference, "planes": [card.slice_axis]},
         )
 
     def save(steps_done: int) -> Path:

@@ -63,6 +63,7 @@ from napari_fewlabel.train.finetune_data import (
 from napari_fewlabel.train.finetune_scores import (
     agreement_slices,
     held_out_dice,
+    plane_reliability,
     stream_agreement,
 )
 from napari_fewlabel.train.finetune_step import TrainingStep
@@ -143,13 +144,15 @@ class FinetuneSettings:
         draws every labelled slice equally, so one painted slice beside two
         marked ones would be a third of the draws. The paper has no marked
         slices, so this is not a departure from it.
-    planes : {"labelled", "all"}
+    planes : {"auto", "all", "labelled"}
         ``"labelled"`` trains on slices of the labelled plane only, as the
         paper does. ``"all"`` also trains on the two planes across it, whose
         slices carry the labelled slices' lines (every other voxel ignored by
         the loss, :mod:`napari_fewlabel.data.planes`), and prediction averages
         the three planes' probabilities: context across slices from the same
-        2D network.
+        2D network. ``"auto"`` (the default) is ``"all"`` unless a painted
+        structure is small (under 2 % of the painted slices it is on), which is learnt on the
+        labelled plane only (measured: docs/engine.md).
     labelled_plane_share : float
         With ``planes="all"``, the fraction of steps drawn from the labelled
         plane; the two other planes share the rest.
@@ -173,7 +176,7 @@ class FinetuneSettings:
     encoder_lr_scale: float = 1.0
     encoder_frozen_for: float = 0.0
     empty_share: float = 0.5
-    planes: Literal["labelled", "all"] = "all"
+    planes: Literal["labelled", "all", "auto"] = "auto"
     labelled_plane_share: float = 0.5
 
     def __post_init__(self) -> None:
@@ -191,8 +194,8 @@ class FinetuneSettings:
             raise FewLabelError(
                 "encoder_frozen_for is a fraction of the steps: give a value in [0, 1)."
             )
-        if self.planes not in ("labelled", "all"):
-            raise FewLabelError(f"planes must be 'labelled' or 'all', got {self.planes!r}.")
+        if self.planes not in ("labelled", "all", "auto"):
+            raise FewLabelError(f"planes must be 'auto', 'all' or 'labelled', got {self.planes!r}.")
         if not 0 < self.labelled_plane_share <= 1:
             raise FewLabelError("labelled_plane_share must be in (0, 1].")
         if not 0 < self.empty_share <= 1:
@@ -244,10 +247,11 @@ class FinetuneSettings:
                 out.append("pseudo-labels from a weak view supervise a strong view")
         if in_slices > 1:
             out.append(f"{in_slices} adjacent slices as input channels (2.5D)")
-        if self.planes == "all":
+        if self.planes != "labelled":
             out.append(
-                "also trained on the two planes across the labelled slices (their labelled "
-                "lines), prediction averaged over three planes"
+                f"planes={self.planes}: also trained on the two planes across the labelled "
+                "slices (their labelled lines), prediction averaged over three planes"
+                + (" unless a painted structure is small" if self.planes == "auto" else "")
             )
         if self.test_time_flips:
             out.append("flip test-time augmentation")
@@ -476,6 +480,7 @@ def _model_card(
     device: str,
     precision: str,
     train_seconds: float,
+    plane_weights: list[float],
 ) -> ModelCard:
     """The card saved with every checkpoint: what the model is and how it was trained."""
     settings, in_slices = job.settings, data.architecture.in_slices
@@ -527,6 +532,7 @@ def _model_card(
         inference={
             "test_time_flips": settings.test_time_flips,
             "planes": [data.axis, *(p.axis for p in data.cross_planes)],
+            "plane_weights": [round(w, 4) for w in plane_weights],
             "plane_max_side": data.plane_max_side,
         },
     )
@@ -629,10 +635,17 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     )
 
     def save(steps_done: int) -> Path:
+        weights = [1.0]
+        if data.cross_planes:  # how far each plane has learnt its labels: prediction's weights
+            weights = plane_reliability(
+                network, data.stacks[0], batches.labelled_pool, data.labels_by_slice,
+                data.cross_planes, num_classes, device, precision,
+            )  # fmt: skip
         card = _model_card(
             job, data, use_cps=use_cps, started_from=begin.started_from,
             steps_done=steps_done, steps_planned=total, val_dice=last_val_dice,
             device=device_text, precision=precision.name, train_seconds=clock.elapsed(),
+            plane_weights=weights,
         )  # fmt: skip
         network.eval()
         path = save_checkpoint(out, network, card, optimizer=optimizer)
