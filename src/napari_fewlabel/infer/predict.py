@@ -49,6 +49,10 @@ def predict_volume(
         The scan, ``(z, y, x)``.
     axis : int, optional
         Slice axis; default: the axis the model was trained along (its card).
+        A model whose card lists several ``inference.planes`` is also run
+        along the other axes, and the planes' probabilities are averaged,
+        weighted by ``inference.plane_weights`` (a scan with fewer than 8
+        slices along ``axis`` uses that axis alone).
     batch_size : int, optional
         Slices per forward pass; default 16 on a GPU and 2 on the CPU, where
         the network's activations (about 40 MB per 256x256 slice) share the

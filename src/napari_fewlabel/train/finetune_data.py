@@ -247,8 +247,12 @@ def prepare_data(job: FinetuneJob) -> PreparedData:
     labels_by_slice = {int(i): fitted[n] for n, i in enumerate(given)}
     plane_max_side = max(job.max_input_side, *input_size)
     cross_planes: list[CrossPlane] = []
-    small = _smallest_structure(labels, axis, labelled, classes)
-    if job.settings.planes == "auto" and small is not None:
+    small = (
+        _smallest_structure(labels, axis, labelled, classes)
+        if job.settings.planes == "auto"
+        else None
+    )
+    if small is not None:
         name, share = small
         notices.append(
             Notice(
