@@ -9,6 +9,7 @@ labels, the affine and spacing scaled to match (:func:`downsample_in_plane`).
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -222,15 +223,59 @@ CASE_LOADERS: dict[str, Callable[[], tuple[Volume, np.ndarray, tuple[str, ...], 
 }
 
 
-def load_case(name: str, max_side: int = 128) -> Case:
-    """Load case ``name`` and reduce it in-plane to at most ``max_side`` voxels a side."""
+def load_case(name: str, max_side: int = 128, cache: Path | None = None) -> Case:
+    """Load case ``name`` and reduce it in-plane to at most ``max_side`` voxels a side.
+
+    With ``cache`` (a folder), the case is read from ``<cache>/<name>-<max_side>.npz``
+    when that file exists and written there otherwise, so a machine without the
+    source data (a GPU machine, say) can run the suite on cases made elsewhere.
+    """
     if name not in CASE_LOADERS:
         raise SystemExit(f"unknown case {name!r}; choose from {', '.join(CASE_LOADERS)}")
+    cached = None if cache is None else cache / f"{name}-{max_side}.npz"
+    if cached is not None and cached.is_file():
+        return read_case(cached)
     image, truth, class_names, description = CASE_LOADERS[name]()
     image, truth, factor = downsample_in_plane(
         image, np.asarray(truth, dtype=np.uint8), len(class_names), max_side
     )
-    return Case(name, image, truth, class_names, description, factor)
+    case = Case(name, image, truth, class_names, description, factor)
+    if cached is not None:
+        write_case(case, cached)
+    return case
+
+
+def write_case(case: Case, path: Path) -> None:
+    """Save ``case`` as one compressed ``.npz`` (written to a temporary file, then renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    about = {
+        "name": case.name,
+        "class_names": list(case.class_names),
+        "description": case.description,
+        "in_plane_factor": case.in_plane_factor,
+        "geometry": case.image.to_metadata(),
+    }
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(
+        partial, image=case.image.array, truth=case.truth, about=np.array(json.dumps(about))
+    )
+    partial.replace(path)
+
+
+def read_case(path: Path) -> Case:
+    """The case :func:`write_case` saved."""
+    with np.load(path, allow_pickle=False) as saved:
+        about = json.loads(str(saved["about"]))
+        image = Volume.from_metadata(saved["image"], about["geometry"])
+        truth = saved["truth"]
+    return Case(
+        about["name"],
+        image,
+        truth,
+        tuple(about["class_names"]),
+        about["description"],
+        about["in_plane_factor"],
+    )
 
 
 def describe(case: Case) -> dict[str, object]:

@@ -10,6 +10,8 @@ long run resumes where it stopped) and printed on stderr::
     python benchmarks/fewslice_suite.py --cases brain-tumour lungs-lr --k 1 3 \\
         --methods interp rf monai ours "ours[planes=all]" --seeds 0 1
     python benchmarks/fewslice_suite.py --table                # Markdown summary
+    python benchmarks/fewslice_suite.py --device cuda --case-cache cases/ \
+        --results benchmarks/results/fewslice_suite_gpu.jsonl    # on a GPU (gpu_checks.sh)
 
 Cases (``benchmarks/fewslice_cases.py``; display orientation ``(z, y, x)``,
 labelled axis = axis 0, axial; no expert drew any of these labels):
@@ -98,6 +100,7 @@ from napari_fewlabel.data.classes import named_classes
 from napari_fewlabel.data.normalization import NormalizationConfig, fit_intensity
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.models.checkpoint import load_checkpoint
+from napari_fewlabel.train.device import describe_device, resolve_device
 from napari_fewlabel.train.events import Done
 from napari_fewlabel.train.finetune import (
     DEFAULT_STEPS,
@@ -308,6 +311,7 @@ def train_and_predict_ours(
     random_init: bool,
     max_side: int,
     workdir: Path,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Fine-tune our engine on ``partial`` and predict along the model card's axis."""
     job = FinetuneJob(
@@ -319,7 +323,7 @@ def train_and_predict_ours(
         axis=0,
         steps=steps,
         seed=seed,
-        device="cpu",
+        device=device,
         max_input_side=max_side,
         settings=settings_with(overrides),
     )
@@ -331,7 +335,7 @@ def train_and_predict_ours(
         raise RuntimeError(f"fine-tuning on {case.name} ended without a checkpoint")
     model = load_checkpoint(done.checkpoint)
     summary = {k: done.summary[k] for k in ("train_seconds", "val_dice") if k in done.summary}
-    return predict_volume(model, case.image, device="cpu"), summary
+    return predict_volume(model, case.image, device=device), summary
 
 
 def run_method(
@@ -359,8 +363,10 @@ def run_method(
     elif name == "rf":
         pred = random_forest(case, partial, labelled, seed, args.threads)
     elif name in ("monai", "upper"):
-        model, summary = train_monai(case.image, partial, args.steps, seed, case.class_names)
-        pred = predict_volume(model, case.image, axis=0, device="cpu")
+        model, summary = train_monai(
+            case.image, partial, args.steps, seed, case.class_names, device=args.device
+        )
+        pred = predict_volume(model, case.image, axis=0, device=args.device)
         extra["train_seconds"] = summary["train_seconds"]
     else:
         with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
@@ -373,6 +379,7 @@ def run_method(
                 args.random_init,
                 args.max_side,
                 Path(workdir),
+                args.device,
             )
         extra["settings"] = {k: _jsonable(v) for k, v in overrides.items()}
     wall = time.perf_counter() - start
@@ -428,7 +435,7 @@ def run_suite(args: argparse.Namespace) -> None:
         ]
         if not todo:
             continue
-        case = load_case(case_name, args.max_side)
+        case = load_case(case_name, args.max_side, args.case_cache)
         print(json.dumps(describe(case)), file=sys.stderr, flush=True)
         for method, k, seed in todo:
             key = row_key(case_name, method, k, seed, args)
@@ -440,6 +447,7 @@ def run_suite(args: argparse.Namespace) -> None:
                 "spacing_mm": [round(s, 4) for s in case.image.spacing_mm],
                 "cpu": cpu_model(),
                 "torch_threads": torch.get_num_threads(),
+                "device": describe_device(resolve_device(args.device)),
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             }
             _append(args.results, row)
@@ -555,6 +563,14 @@ def main() -> None:
         "--results", type=Path, default=Path(__file__).parent / "results/fewslice_suite.jsonl"
     )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fewslice")
+    parser.add_argument(
+        "--device", default="cpu", help="where ours, monai and upper train and predict (cpu, cuda)"
+    )
+    parser.add_argument(
+        "--case-cache",
+        type=Path,
+        help="folder of prepared cases (<case>-<max_side>.npz): read when there, written when not",
+    )
     parser.add_argument("--table", action="store_true", help="print the Markdown summary only")
     args = parser.parse_args()
     if any(k < 1 for k in args.k):

@@ -314,6 +314,67 @@ def default_finetune(device: torch.device) -> dict[str, Any]:
     }
 
 
+def default_run_mri(device: torch.device, case_file: Path | None) -> dict[str, Any]:
+    """The default run a user starts on a brain MRI: 3 painted axial slices, train + predict.
+
+    The scan is the MNI152 2009 T1 at 1 mm (197x233x189, a little larger than a
+    181x217x181 brain MRI), grey and white matter painted on 3 evenly spread
+    axial slices (``annotation_efficiency.mni_volume``); ``case_file`` is that
+    case saved by ``fewslice_cases.write_case``, for a machine without nilearn.
+    """
+    from annotation_efficiency import evenly_spread
+    from fewslice_cases import Case, read_case, write_case
+    from fewslice_suite import score
+
+    from napari_fewlabel.data.classes import named_classes
+    from napari_fewlabel.infer.predict import predict_volume
+    from napari_fewlabel.models.checkpoint import load_checkpoint, read_card
+    from napari_fewlabel.train.events import Done
+    from napari_fewlabel.train.finetune import FinetuneJob, run
+
+    if case_file is not None and case_file.is_file():
+        case = read_case(case_file)
+    else:
+        from annotation_efficiency import CLASS_NAMES, mni_volume
+
+        image, truth = mni_volume(1)
+        case = Case("mni-1mm-gm-wm", image, truth, CLASS_NAMES, "MNI152 2009 T1, 1 mm")
+        if case_file is not None:
+            write_case(case, case_file)
+    labelled = evenly_spread(case.truth, 3)
+    painted = np.zeros_like(case.truth)
+    painted[labelled] = case.truth[labelled]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = FinetuneJob(
+            case.image,
+            painted,
+            Path(tmp) / "m.safetensors",
+            classes=named_classes(case.class_names),
+            device=str(device),
+        )
+        t0 = time.perf_counter()
+        done = [e for e in run(job) if isinstance(e, Done)][-1]
+        trained = time.perf_counter()
+        model = load_checkpoint(done.checkpoint)
+        prediction = predict_volume(model, case.image, device=str(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        finished = time.perf_counter()
+        inference = read_card(done.checkpoint).inference
+    return {
+        "volume": f"MNI152 T1 {'x'.join(map(str, case.image.shape[::-1]))} (x, y, z), "
+        "GM/WM painted on 3 axial slices",
+        "steps": done.summary["steps_done"],
+        "planes": inference.get("planes"),
+        "train_seconds": round(trained - t0, 1),
+        "predict_seconds": round(finished - trained, 1),
+        "wall_seconds": round(finished - t0, 1),
+        "mean_dice_unlabelled": round(
+            score(prediction, case.truth, labelled, case.class_names)["mean_dice"], 3
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -323,6 +384,14 @@ def main() -> None:
         default=Path.home() / ".cache/napari-fewlabel/test-data/pyradiomics/lung1_image.nrrd",
     )
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument(
+        "--mri-case",
+        type=Path,
+        help="the 1 mm MNI case as fewslice_cases.write_case saved it (read if there, else written)",
+    )
+    parser.add_argument(
+        "--mri-only", action="store_true", help="only the default run on the 1 mm brain MRI"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument(
         "--planes",
@@ -343,6 +412,9 @@ def main() -> None:
         print(json.dumps({"memory": memory(args.lung1, args.planes)}, indent=1))
         return
     device = resolve_device(args.device)
+    if args.mri_only:
+        print(json.dumps({"default_run_mri": default_run_mri(device, args.mri_case)}, indent=1))
+        return
     report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "threads": torch.get_num_threads(),
@@ -356,6 +428,7 @@ def main() -> None:
         report["memory"] = memory(args.lung1, args.planes)
     if not args.skip_finetune:
         report["default_finetune"] = default_finetune(device)
+        report["default_run_mri"] = default_run_mri(device, args.mri_case)
     print(json.dumps(report, indent=1))
 
 
