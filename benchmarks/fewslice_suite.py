@@ -473,9 +473,12 @@ def _mean_sd(values: list[float]) -> str:
 
 def table(args: argparse.Namespace) -> str:
     """Markdown: mean Dice per case x k and method, means over cases, ratios to ``upper``."""
+    rows = read_rows(args.results)
+    if args.peers_from is not None:
+        rows += [r for r in read_rows(args.peers_from) if r["method"] in DETERMINISTIC_PEERS]
     rows = [
         r
-        for r in read_rows(args.results)
+        for r in rows
         if r.get("max_side") == args.max_side and r.get("steps") in (None, args.steps)
     ]
     if not rows:
@@ -495,8 +498,8 @@ def table(args: argparse.Namespace) -> str:
         f"Mean Dice on unlabelled slices holding structure (mean ± sd (n) over seeds); "
         f"steps={args.steps}, max_side={args.max_side}",
         "",
-        "| case | k | " + " | ".join(columns) + " | best peer | upper |",
-        "|---|---|" + "---|" * (len(columns) + 2),
+        "| case | k | " + " | ".join(columns) + " | best peer | ours − best peer | upper |",
+        "|---|---|" + "---|" * (len(columns) + 3),
     ]
     for case in cases:
         upper = _mean_sd(scores.get((case, None, "upper"), []))
@@ -505,13 +508,17 @@ def table(args: argparse.Namespace) -> str:
             peers = {p: mean(case, k, p) for p in PEERS}
             peers = {p: v for p, v in peers.items() if v is not None}
             best = max(peers, key=lambda p: peers[p]) if peers else ""
-            lines.append(f"| {case} | {k} | " + " | ".join(cells) + f" | {best} | {upper} |")
+            ours = mean(case, k, "ours")
+            margin = f"{ours - peers[best]:+.3f}" if best and ours is not None else ""
+            lines.append(
+                f"| {case} | {k} | " + " | ".join(cells) + f" | {best} | {margin} | {upper} |"
+            )
     for k in ks:
         cells = []
         for c in columns:
             values = [v for v in (mean(case, k, c) for case in cases) if v is not None]
             cells.append(f"{statistics.mean(values):.3f} ({len(values)})" if values else "")
-        lines.append(f"| **mean over cases** | {k} | " + " | ".join(cells) + " | | |")
+        lines.append(f"| **mean over cases** | {k} | " + " | ".join(cells) + " | | | |")
     lines += [
         "",
         f"Ratio to `upper` per case (k = {', '.join(map(str, ks))}, separated by /)",
@@ -572,6 +579,12 @@ def main() -> None:
         help="folder of prepared cases (<case>-<max_side>.npz): read when there, written when not",
     )
     parser.add_argument("--table", action="store_true", help="print the Markdown summary only")
+    parser.add_argument(
+        "--peers-from",
+        type=Path,
+        help="with --table: also take the interp and rf rows of this results file "
+        "(deterministic peers run once on a CPU, beside network rows made on a GPU)",
+    )
     args = parser.parse_args()
     if any(k < 1 for k in args.k):
         parser.error("--k values must be at least 1")

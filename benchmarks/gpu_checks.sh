@@ -16,6 +16,9 @@
 # finished by then are kept, the rest are simply missing from the table.
 # DEVICE (cuda), STEPS (the product's default) and CASES (all seven) override,
 # e.g. for a quick try on a CPU: DEVICE=cpu STEPS=3 CASES=brain-tumour.
+# JOBS names a file of suite jobs to run instead of the default plan, one per
+# line: "case seed method..." (e.g. "mni-deep-grey 1 ours[batch_labelled=8]");
+# SUITE_ONLY=1 skips speed.py and the tests.
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUTDIR [CASE_CACHE] [MRI_CASE] [SUITE_SECONDS] [WORKERS]}
 cache=${2:-.devdata/cases}
@@ -33,18 +36,19 @@ nvidia-smi -L
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
 # 1. Speed, alone on the GPU.
-[ -n "${STEPS:-}" ] || python3 "$here/speed.py" --device "$device" --repeats 3 --mri-case "$mri" \
+[ -n "${STEPS:-}${SUITE_ONLY:-}" ] || python3 "$here/speed.py" --device "$device" --repeats 3 --mri-case "$mri" \
     >"$out/speed_gpu.json" 2>"$out/speed_gpu.err"
 echo "speed.py exit $?"
 
 # 2. CUDA tests beside the suite.
-python3 -m pytest -m cuda tests/train/test_cuda.py tests/train/test_device.py -q \
+[ -n "${SUITE_ONLY:-}" ] || python3 -m pytest -m cuda tests/train/test_cuda.py tests/train/test_device.py -q \
     -p no:cacheprovider -W ignore::DeprecationWarning >"$out/pytest_cuda.log" 2>&1 &
 tests=$!
 
 suite_dir=$(mktemp -d)
 jobs_file="$suite_dir/jobs"
-for seed in 0 1 2; do
+[ -n "${JOBS:-}" ] && cp "$JOBS" "$jobs_file"
+[ -n "${JOBS:-}" ] || for seed in 0 1 2; do
     for case in $cases; do
         methods="ours monai"
         [ "$seed" = 0 ] && methods="ours monai upper"
@@ -52,6 +56,7 @@ for seed in 0 1 2; do
     done
 done
 run_job() {
+    set -f
     set -- $1
     local case=$1 seed=$2
     shift 2

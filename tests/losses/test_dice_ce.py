@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from napari_fewlabel.losses.dice_ce import IGNORE_INDEX, dice_ce_loss
+from napari_fewlabel.losses.dice_ce import IGNORE_INDEX, class_weights, dice_ce_loss
 
 
 def _two_pixels() -> torch.Tensor:
@@ -58,3 +58,40 @@ def test_perfect_prediction_has_near_zero_loss():
     loss, parts = dice_ce_loss(logits, target)
     assert float(loss) < 1e-4
     assert parts["dice"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_class_weights_are_inverse_powers_of_the_labelled_shares():
+    labels = torch.tensor([0] * 96 + [1] * 4)  # class 2 absent
+    weights = class_weights(labels, 3, 0.5)
+    # f = (.96, .04, 0): w ~ f^-0.5, scaled so the rarest present class weighs 1
+    assert weights.tolist() == pytest.approx([math.sqrt(0.04 / 0.96), 1.0, 0.0], abs=1e-6)
+    assert class_weights(labels, 3, 1.0)[0] == pytest.approx(0.04 / 0.96, abs=1e-6)
+
+
+def test_class_balance_matches_a_hand_weighted_cross_entropy():
+    logits, target = _two_pixels(), torch.tensor([[[0, 1]]])
+    loss, parts = dice_ce_loss(logits, target, class_balance=0.5)
+    # one pixel of each class: equal shares, equal weights, the plain value
+    assert float(loss) == pytest.approx(0.823748, abs=1e-5)
+    target = torch.tensor([[[0, 0, 0, 1]]])
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 1, 0, 3] = math.log(3.0)  # p(class 1) = 0.75 on pixel 3, 0.5 elsewhere
+    _, parts = dice_ce_loss(logits, target, class_balance=1.0)
+    # w = f^-1 = (4/3, 4) -> CE = (3 * 4/3 * ln 2 + 4 * -ln .75) / (3 * 4/3 + 4)
+    expected = (4 * math.log(2) - 4 * math.log(0.75)) / 8
+    assert parts["ce"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_class_balance_gives_a_rare_class_a_stronger_gradient():
+    """The point of the weights: a structure of 1 % of the pixels, predicted as background."""
+    target = torch.zeros(1, 10, 10, dtype=torch.long)
+    target[0, 4, 4] = 1
+    logits = torch.zeros(1, 2, 10, 10)
+    logits[:, 0] = 4.0  # confident background everywhere
+    grads = []
+    for balance in (0.0, 0.5):
+        x = logits.clone().requires_grad_()
+        loss, _ = dice_ce_loss(x, target, class_balance=balance)
+        loss.backward()
+        grads.append(float(-x.grad[0, 1, 4, 4]))  # push towards class 1 at its pixel
+    assert grads[1] > 2 * grads[0] > 0

@@ -137,8 +137,8 @@ class TrainingStep:
                     student_input = strong_view(weak, aug, generator)
                 logits_a, logits_b = network(torch.cat([x_l, student_input]))
                 n = n_labelled
-                sup_a, pa = dice_ce_loss(logits_a[:n], y_l_warped)
-                sup_b, _ = dice_ce_loss(logits_b[:n], y_l_warped)
+                sup_a, pa = dice_ce_loss(logits_a[:n], y_l_warped, class_balance=s.class_balance)
+                sup_b, _ = dice_ce_loss(logits_b[:n], y_l_warped, class_balance=s.class_balance)
                 cps, pc = cross_pseudo_supervision_loss(
                     logits_a[n:],
                     logits_b[n:],
@@ -150,8 +150,8 @@ class TrainingStep:
                 parts = {"cps": float(cps.detach()), "cps_kept": pc["cps_kept"]}
             else:
                 logits_a, logits_b = network(x_l)
-                sup_a, pa = dice_ce_loss(logits_a, y_l_warped)
-                sup_b, _ = dice_ce_loss(logits_b, y_l_warped)
+                sup_a, pa = dice_ce_loss(logits_a, y_l_warped, class_balance=s.class_balance)
+                sup_b, _ = dice_ce_loss(logits_b, y_l_warped, class_balance=s.class_balance)
                 loss = sup_a + sup_b
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
