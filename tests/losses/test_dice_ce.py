@@ -61,11 +61,12 @@ def test_perfect_prediction_has_near_zero_loss():
 
 
 def test_class_weights_are_inverse_powers_of_the_labelled_shares():
-    labels = torch.tensor([0] * 96 + [1] * 4)  # class 2 absent
-    weights = class_weights(labels, 3, 0.5)
+    counts = torch.tensor([[96.0, 4.0, 0.0], [0.0, 0.0, 0.0]])  # class 2 absent; an empty slice
+    weights = class_weights(counts, 0.5)
     # f = (.96, .04, 0): w ~ f^-0.5, scaled so the rarest present class weighs 1
-    assert weights.tolist() == pytest.approx([math.sqrt(0.04 / 0.96), 1.0, 0.0], abs=1e-6)
-    assert class_weights(labels, 3, 1.0)[0] == pytest.approx(0.04 / 0.96, abs=1e-6)
+    assert weights[0].tolist() == pytest.approx([math.sqrt(0.04 / 0.96), 1.0, 0.0], abs=1e-6)
+    assert weights[1].tolist() == [0.0, 0.0, 0.0]
+    assert class_weights(counts, 1.0)[0, 0] == pytest.approx(0.04 / 0.96, abs=1e-6)
 
 
 def test_class_balance_matches_a_hand_weighted_cross_entropy():
@@ -95,3 +96,16 @@ def test_class_balance_gives_a_rare_class_a_stronger_gradient():
         loss.backward()
         grads.append(float(-x.grad[0, 1, 4, 4]))  # push towards class 1 at its pixel
     assert grads[1] > 2 * grads[0] > 0
+
+
+def test_a_background_only_slice_keeps_its_plain_cross_entropy():
+    """Per-slice balance: a slice marked empty still says "nothing here" with full weight."""
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, 1, 1] = 2  # slice 0 holds a structure, slice 1 is background only
+    _, parts = dice_ce_loss(logits, target, class_balance=0.5)
+    nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    w = torch.where(target[0] == 2, 1.0, math.sqrt(1 / 15))
+    slice0 = float((w * nll[0]).sum() / w.sum())
+    slice1 = float(nll[1].mean())  # plain mean: background is its only class
+    assert parts["ce"] == pytest.approx((slice0 + slice1) / 2, abs=1e-5)

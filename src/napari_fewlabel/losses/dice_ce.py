@@ -22,16 +22,19 @@ be noise. Classes absent from the batch are left to the cross-entropy: their
 Dice would be :math:`\\epsilon / (\\sum p_k + \\epsilon) \\approx 0` whatever the
 network does, a constant that only hides the present classes' progress.
 
-Class balance. With ``class_balance`` :math:`= \\beta > 0` the cross-entropy is
-weighted per class by :math:`w_k = f_k^{-\\beta}`, :math:`f_k` the share of the
-batch's labelled pixels that are class :math:`k` (a weighted mean, so only
-the ratios matter). A structure of 0.4 % of a slice otherwise gets almost no
-gradient once the softmax has learnt that nearly everything is background:
-:math:`\\partial p_k / \\partial z_k = p_k (1 - p_k)` vanishes with :math:`p_k`,
-and the network sits at "all background" for most of a short run
-(docs/engine.md, "Small structures"). :math:`\\beta = 0.5` (inverse square
-root of the frequency) is the default of fine-tuning; 0 is the plain
-cross-entropy of the published method.
+Class balance. With ``class_balance`` :math:`= \\beta > 0` each slice's
+cross-entropy is weighted per class by :math:`w_k = f_k^{-\\beta}`, :math:`f_k`
+the share of that slice's labelled pixels that are class :math:`k` (a weighted
+mean within the slice, then the mean over the slices). A structure of 0.4 %
+of a slice otherwise gets almost no gradient once the softmax has learnt that
+nearly everything is background: :math:`\\partial p_k / \\partial z_k = p_k (1 - p_k)`
+vanishes with :math:`p_k`, and the network sits at "all background" for most
+of a short run (docs/engine.md, "Small structures"). Per slice, not per batch:
+a slice that holds background only (a slice the user marked empty, a line of
+a plane across that crosses no structure) keeps its plain cross-entropy, so
+marking a slice empty still says "nothing here" with full weight.
+:math:`\\beta = 0.5` (inverse square root of the share) is the default of
+fine-tuning; 0 is the plain cross-entropy of the published method.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def dice_ce_loss(
     smooth : float
         :math:`\\epsilon` in the Dice.
     class_balance : float
-        :math:`\\beta`: cross-entropy weights :math:`f_k^{-\\beta}` from the
-        batch's labelled pixels (0: unweighted).
+        :math:`\\beta`: cross-entropy weights :math:`f_k^{-\\beta}` from each
+        slice's labelled pixels (0: the plain cross-entropy over the batch).
 
     Returns
     -------
@@ -78,8 +81,10 @@ def dice_ce_loss(
         return zero, {"ce": 0.0, "dice": float("nan")}
     logits = logits.float()
     k = logits.shape[1]
-    weight = class_weights(target[valid], k, class_balance) if class_balance > 0 else None
-    ce = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index)
+    if class_balance > 0:
+        ce = balanced_cross_entropy(logits, target, valid, class_balance, ignore_index)
+    else:
+        ce = F.cross_entropy(logits, target, ignore_index=ignore_index)
     probs = logits.softmax(dim=1)
     onehot = F.one_hot(target.clamp(min=0), k).permute(0, 3, 1, 2).to(probs.dtype)
     mask = valid[:, None].to(probs.dtype)
@@ -96,24 +101,60 @@ def dice_ce_loss(
     return loss, {"ce": float(ce.detach()), "dice": float(foreground_dice.detach())}
 
 
-def class_weights(labels: torch.Tensor, num_classes: int, balance: float) -> torch.Tensor:
-    """Cross-entropy weights ``f_k ** -balance`` from labelled pixels (0 for absent classes).
+def balanced_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    balance: float,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Cross-entropy with each slice's classes weighted by their share to the power ``-balance``.
 
     Parameters
     ----------
-    labels : Tensor of int64
-        The labelled pixels' classes (no ignore values).
-    num_classes : int
+    logits : Tensor, shape (B, K, H, W), float32
+    target : Tensor, shape (B, H, W), int64
+    valid : Tensor of bool, shape (B, H, W)
+        ``target != ignore_index``.
+    balance : float
+        The exponent :math:`\\beta` (> 0).
+
+    Returns
+    -------
+    Tensor, scalar
+        The mean over the slices holding labelled pixels of each slice's
+        weighted mean cross-entropy.
+    """
+    k = logits.shape[1]
+    nll = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    onehot = F.one_hot(target.clamp(min=0), k) * valid[..., None]  # (B, H, W, K)
+    counts = onehot.sum(dim=(1, 2)).float()  # (B, K)
+    weights = class_weights(counts, balance)  # (B, K)
+    pixel_weights = weights.gather(1, target.clamp(min=0).flatten(1)).view_as(nll) * valid
+    per_slice_weight = pixel_weights.sum(dim=(1, 2))
+    has_labels = per_slice_weight > 0
+    per_slice = (pixel_weights * nll).sum(dim=(1, 2))[has_labels] / per_slice_weight[has_labels]
+    return per_slice.mean()
+
+
+def class_weights(counts: torch.Tensor, balance: float) -> torch.Tensor:
+    """Weights ``f_k ** -balance`` from pixel counts per class (0 for absent classes).
+
+    Parameters
+    ----------
+    counts : Tensor, shape (..., K)
+        Labelled pixels of each class (per slice along the leading axes).
     balance : float
         The exponent :math:`\\beta`.
 
     Returns
     -------
-    Tensor, shape (num_classes,), float32
-        Largest weight 1 (the rarest present class).
+    Tensor, shape (..., K), float32
+        The rarest present class weighs 1; all zeros where nothing is counted.
     """
-    counts = torch.bincount(labels.reshape(-1), minlength=num_classes).float()
+    counts = counts.float()
+    total = counts.sum(dim=-1, keepdim=True).clamp(min=1)
     present = counts > 0
-    weights = torch.zeros_like(counts)
-    weights[present] = (counts[present] / counts.sum()) ** -balance
-    return weights / weights.max()
+    share = torch.where(present, counts / total, torch.ones_like(counts))
+    weights = torch.where(present, share**-balance, torch.zeros_like(counts))
+    return weights / weights.amax(dim=-1, keepdim=True).clamp(min=1e-12)

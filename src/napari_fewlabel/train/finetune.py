@@ -157,11 +157,13 @@ class FinetuneSettings:
         With ``planes="all"``, the fraction of steps drawn from the labelled
         plane; the two other planes share the rest.
     class_balance : float
-        Exponent of the supervised cross-entropy's class weights, each class
-        weighted by its share of the batch's labelled pixels to the power
-        ``-class_balance`` (:func:`~napari_fewlabel.losses.dice_ce.dice_ce_loss`).
-        0.5 (the default) lets structures of a few hundred voxels a slice learn
-        within a short run; 0 is the plain cross-entropy of the paper.
+        Exponent of the supervised cross-entropy's class weights at the first
+        step, each class weighted by its share of the slice's labelled pixels
+        to the power ``-class_balance``
+        (:func:`~napari_fewlabel.losses.dice_ce.dice_ce_loss`); it falls
+        linearly to 0 (plain cross-entropy) by half-way. 0.5 (the default) lets
+        structures of a few hundred voxels a slice learn within a short run; 0
+        is the plain cross-entropy of the paper.
     """
 
     batch_labelled: int = 4
@@ -265,8 +267,8 @@ class FinetuneSettings:
             )
         if self.class_balance > 0:
             out.append(
-                f"cross-entropy weighted by class frequency^-{self.class_balance:g} "
-                "(small structures learn early)"
+                f"cross-entropy weighted by class share^-{self.class_balance:g} per slice, "
+                "fading to plain by half-way (small structures learn early)"
             )
         if self.test_time_flips:
             out.append("flip test-time augmentation")
