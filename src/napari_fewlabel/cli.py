@@ -12,6 +12,8 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
 * ``fewlabel adapt SOURCE_MODEL --target CT... --source MRI... --out adapted.safetensors`` --
   adapt an MRI model to CT without CT labels (Dou et al. 2018).
 * ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
+* ``fewlabel suggest MODEL IMAGE [--labels LABELS] [--n 5]`` -- the unlabelled
+  slices to label next (where the two streams disagree most).
 * ``fewlabel emphysema CT --out DIR [--subtype-labels LABELS]`` -- lung masks and
   %LAA-950 of a chest CT; with a few labelled regions, a dense emphysema subtype map.
 * ``fewlabel evaluate PRED TRUTH`` -- Dice, HD95 and ASD per class (table + JSON).
@@ -887,7 +889,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the model's)")
     p.add_argument(
-        "--batch-size", type=int, help="slices per forward pass (default: 4 on CPU, 16 on GPU)"
+        "--batch-size", type=int, help="slices per forward pass (default: 2 on CPU, 16 on GPU)"
     )
     flips = p.add_mutually_exclusive_group()
     flips.add_argument("--flips", dest="flips", action="store_true", default=None,
@@ -921,6 +923,62 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"Wrote {args.out} ({image.shape[0]}x{image.shape[1]}x{image.shape[2]} voxels, "
         f"{time.perf_counter() - start:.1f} s). Voxels per class: {found or 'none'}."
     )
+    return 0
+
+
+# ------------------------------------------------------------------- suggest
+def _add_suggest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "suggest",
+        help="the unlabelled slices to label next: where the model's two streams disagree most",
+    )
+    p.add_argument("model", help="model name or .safetensors path (a fine-tuned model)")
+    p.add_argument(
+        "image", type=Path, help="the scan (NIfTI, NRRD, MetaImage, InVesalius or a DICOM folder)"
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="the annotation so far: its painted slices (and slices it marks empty) are not "
+        "suggested",
+    )
+    p.add_argument("--n", type=int, default=5, help="how many slices (default 5)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_suggest)
+
+
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from napari_fewlabel.infer.suggest import suggest_slices
+    from napari_fewlabel.models.checkpoint import load_checkpoint
+    from napari_fewlabel.models.registry import resolve_model
+
+    model = load_checkpoint(resolve_model(args.model))
+    image = load_volume(args.image)
+    axis = model.card.slice_axis if args.axis is None else args.axis
+    exclude: set[int] = set()
+    if args.labels is not None:
+        labels = load_volume(args.labels)
+        if labels.shape != image.shape:
+            raise FewLabelError(
+                f"{args.labels.name} has shape {labels.shape} but the scan has {image.shape}: "
+                "give the annotation drawn on this scan."
+            )
+        painted = np.moveaxis(labels.array != 0, axis, 0).reshape(image.shape[axis], -1)
+        exclude.update(np.flatnonzero(painted.any(axis=1)).tolist())
+        saved = read_mask_info(args.labels)
+        if saved is not None and saved.empty_axis == axis:
+            exclude.update(saved.empty_slices)
+    picks = suggest_slices(model, image, n=args.n, exclude=exclude, axis=axis, device=args.device)
+    if args.json:
+        print(json.dumps({"axis": axis, "excluded": sorted(exclude),
+                          "slices": [p.to_dict() for p in picks]}))  # fmt: skip
+        return 0
+    print(f"Slices to label next along axis {axis} ({len(exclude)} labelled left out):")
+    print("rank  slice  voxels the streams disagree on  structure voxels")
+    for rank, pick in enumerate(picks, start=1):
+        print(f"{rank:>4}  {pick.index:>5}  {pick.disagreement:>30}  {pick.foreground:>16}")
     return 0
 
 
@@ -1064,6 +1122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_adapt(sub)
     _add_predict(sub)
+    _add_suggest(sub)
     _add_evaluate(sub)
     _add_emphysema(sub)
     _add_models(sub)
