@@ -6,8 +6,10 @@ statistics fitted once per volume, runs the network (mean of the two streams'
 softmax), maps the probabilities back to the slice's own size and writes the
 argmax into the output label array. Peak memory is the input, the output
 labels (1 byte per voxel for up to 256 classes) and one batch: predicting a
-512x512x300 int16 CT on the CPU needs about 2x the scan's size over the
-process's baseline (docs/benchmarks.md).
+512x512x600 int16 CT along one plane on the CPU needs about 1.9x the scan's
+size over the process's baseline. A model that predicts along three planes
+also keeps their running sum, one byte per class and voxel: 3.7x for a
+4-class model on that CT (docs/benchmarks.md).
 """
 
 from __future__ import annotations
