@@ -1,4 +1,5 @@
-"""Whole jobs as one event stream: fine-tune (or adapt) then predict, or predict with a model.
+"""Whole jobs as one event stream: fine-tune (or adapt) then predict, predict with a
+model, or rank the slices to label next.
 
 The napari widget runs these in a child process and the headless demo runs
 them inline; both consume the same events (``train.events`` plus
@@ -7,7 +8,7 @@ them inline; both consume the same events (``train.events`` plus
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport, quantify_emphysema
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.infer.subtypes import load_subtype_model, map_subtypes
+from napari_fewlabel.infer.suggest import SliceScore, suggest_slices
 from napari_fewlabel.io import Volume
 from napari_fewlabel.models.checkpoint import load_checkpoint
 from napari_fewlabel.models.registry import resolve_model
@@ -121,6 +123,38 @@ def predict_with_model(
 ) -> Iterator[Event | SegmentationReady]:
     """Predict ``image`` with a saved model (registry name or path)."""
     yield from _predict(resolve_model(model), image, device)
+
+
+@dataclass(frozen=True, eq=False)
+class SlicesSuggested:
+    """The unlabelled slices to label next, best first.
+
+    Attributes
+    ----------
+    slices : tuple of SliceScore
+        Ranked by how many voxels the model's two streams label differently.
+    checkpoint : Path
+        The model that ranked them.
+    """
+
+    slices: tuple[SliceScore, ...]
+    checkpoint: Path
+
+
+def suggest_next_slices(
+    model: str | Path,
+    image: Volume,
+    exclude: Iterable[int] = (),
+    device: str = "auto",
+    n: int = 5,
+    *,
+    cancel: CancelFlag | None = None,
+) -> Iterator[Event | SlicesSuggested]:
+    """Rank the slices of ``image`` not in ``exclude`` by where ``model``'s streams disagree."""
+    checkpoint = resolve_model(model)
+    yield Notice("Ranking the unlabelled slices by where the model's two streams disagree...")
+    picks = suggest_slices(load_checkpoint(checkpoint), image, n=n, exclude=exclude, device=device)
+    yield SlicesSuggested(tuple(picks), Path(checkpoint))
 
 
 def _relay(events: Iterator[Event]) -> Generator[Event, None, Path | None]:

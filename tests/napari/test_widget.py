@@ -373,3 +373,51 @@ def test_saving_an_annotation_without_a_layer_or_on_a_bad_path_notifies(
     messages = notifications(lambda: widget.save_annotation(tmp_path / "a.png"))
     assert any("give a name ending in .nii.gz" in m for m in messages)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_label_next_shows_the_unlabelled_slices_the_model_is_least_sure_of(
+    widget_with_scan, small_phantom, qtbot, tmp_path
+):
+    """Label next: the top-ranked unlabelled slice, in its orientation; again: the next one."""
+    from napari_fewlabel.infer.suggest import suggest_slices
+    from napari_fewlabel.train.finetune import FinetuneJob, run
+
+    viewer, widget = widget_with_scan
+    messages = notifications(widget.label_next)
+    assert any("No model to ask yet" in m for m in messages)
+    assert not widget.runner.is_running
+
+    annotation = widget.new_annotation_layer()
+    _paint(annotation, small_phantom.labels.array)
+    viewer.dims.set_current_step(0, 3)
+    assert widget.toggle_empty_slice()
+    job = FinetuneJob(
+        image=small_phantom.image,
+        labels=np.asarray(annotation.data).copy(),
+        out=tmp_path / "model.safetensors",
+        classes=small_phantom.classes,
+        steps=20,
+        device="cpu",
+    )
+    checkpoint = next(e for e in run(job) if isinstance(e, Done)).checkpoint
+    expected = suggest_slices(
+        load_checkpoint(checkpoint), small_phantom.image, exclude=(*LABELLED, 3), device="cpu"
+    )
+    assert len(expected) == 5
+
+    widget.add_model_file(checkpoint)
+    viewer.dims.order = (1, 0, 2)  # a coronal view: Label next turns it back to axial
+    assert widget.label_next()
+    _wait_done(qtbot, widget)
+    assert widget._slice_on_screen() == (0, expected[0].index)
+    assert expected[0].index not in (*LABELLED, 3)
+    assert f"Label slice {expected[0].index} (z (axial)) next: rank 1 of 5" in widget.status.text()
+    assert viewer.layers.selection.active is annotation
+
+    # Painting the suggested slice and pressing again steps to the next one, no new ranking.
+    annotation.data[expected[0].index, 40:44, 40:44] = 1
+    annotation.events.data()
+    assert widget.label_next()
+    assert not widget.runner.is_running
+    assert widget._slice_on_screen() == (0, expected[1].index)
+    assert "rank 2 of 5" in widget.status.text()

@@ -7,7 +7,8 @@
 3. Model, device (the one in use is always shown) and training budget.
 4. Start / Stop, progress with ETA, a live plot of the losses and validation Dice.
 5. Results: the "<image> prediction" layer, Save model..., Export mask...,
-   and Predict with model for an existing checkpoint.
+   Predict with model for an existing checkpoint, and Label next: the
+   unlabelled slice where the model is least sure, shown in the viewer.
 
 The work runs in a child process (``_runner.ProcessRunner``) so napari stays
 responsive; everything it reports arrives as events from the engine.
@@ -45,8 +46,15 @@ from napari_fewlabel.data.slices import (
     labelled_slices,
 )
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.infer.suggest import SliceScore
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
-from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict, predict_with_model
+from napari_fewlabel.jobs import (
+    SegmentationReady,
+    SlicesSuggested,
+    finetune_and_predict,
+    predict_with_model,
+    suggest_next_slices,
+)
 from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import (
     CLASSES_KEY,
@@ -81,6 +89,7 @@ class FinetuneWidget(JobWidget):
         self._prediction_layer: Labels | None = None
         self._job_image: Image | None = None
         self._job_kind = ""
+        self._suggestions: SlicesSuggested | None = None
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
         self._count_timer.setInterval(250)
@@ -210,9 +219,16 @@ class FinetuneWidget(JobWidget):
         self.export_button.clicked.connect(self._ask_export_mask)
         self.predict_button = QPushButton("Predict with model")
         self.predict_button.clicked.connect(self.predict_with_selected_model)
+        self.next_button = QPushButton("Label next")
+        self.next_button.setToolTip(
+            "Show the unlabelled slice where the model's two streams disagree most: a label "
+            "there teaches it the most. Press again for the next one on the list."
+        )
+        self.next_button.clicked.connect(self.label_next)
         for button in (self.save_model_button, self.export_button):
             button.setEnabled(False)
         layout.addWidget(self.predict_button)
+        layout.addWidget(self.next_button)
         layout.addWidget(self.save_model_button)
         layout.addWidget(self.export_button)
         return box
@@ -540,6 +556,103 @@ class FinetuneWidget(JobWidget):
         self.progress.setRange(0, 0)  # busy indicator
         return True
 
+    def label_next(self) -> bool:
+        """Show the unlabelled slice the model is least sure of; False (notified) if refused.
+
+        The first press ranks the slices with the model in a child process (one pass
+        over the volume); later presses with the same model step through that ranking,
+        skipping slices painted or marked empty since.
+        """
+        from napari_fewlabel.models.checkpoint import read_card
+        from napari_fewlabel.models.registry import resolve_model
+
+        if self.runner.is_running:
+            show_warning("A job is already running: wait for it or press Stop.")
+            return False
+        image = self.selected_image()
+        model = self._model_to_predict_with()
+        if image is None or model is None:
+            show_error(
+                "No model to ask yet: fine-tune first (Start), or choose a fine-tuned model in "
+                "'Start from'; Label next shows where that model is least sure."
+            )
+            return False
+        try:
+            checkpoint = resolve_model(model)
+            axis = read_card(checkpoint).slice_axis
+            volume = self._image_volume(image)
+            exclude = self._labelled_along(axis, volume.shape)
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        ranked = self._suggestions
+        if ranked is not None and ranked.checkpoint == checkpoint:
+            left = [s for s in ranked.slices if s.index not in exclude]
+            if left:
+                self._show_suggestion(left[0], len(ranked.slices) - len(left) + 1, image)
+                return True
+        self._job_image = image
+        self._start_job(
+            "suggest",
+            suggest_next_slices,
+            checkpoint,
+            volume,
+            sorted(exclude),
+            self.device_combo.currentText(),
+        )
+        self.status.setText(f"Ranking the unlabelled slices with {checkpoint.name}...")
+        self.progress.setRange(0, 0)
+        return True
+
+    def _labelled_along(self, axis: int, shape: tuple[int, ...]) -> set[int]:
+        """Slices along ``axis`` the annotation layer has painted or marked empty."""
+        labels = self.selected_labels()
+        if labels is None:
+            return set()
+        data = np.asarray(labels.data)
+        if data.shape != shape:
+            raise FewLabelError(
+                f"The annotation layer has shape {data.shape} but the scan has {shape}: choose "
+                "the annotation drawn on this scan in '2. Annotation'."
+            )
+        marked_axis, empty = marked_empty(labels)
+        done = set(labelled_slices(data, axis).tolist())
+        return done | set(empty) if marked_axis == axis else done
+
+    def _on_suggested(self, event: SlicesSuggested) -> None:
+        self._suggestions = event
+        image = self._job_image
+        if not event.slices:
+            self.status.setText("Every slice is labelled or marked empty: nothing left to suggest.")
+            show_info(self.status.text())
+            return
+        if image is None or image not in self.viewer.layers:
+            show_warning("The scan was closed before the ranking arrived; nothing to show.")
+            return
+        self._show_suggestion(event.slices[0], 1, image)
+
+    def _show_suggestion(self, pick: SliceScore, rank: int, image: Image) -> None:
+        """Move the 2D view to ``pick``'s slice (in its orientation) and say why it was chosen."""
+        dims = self.viewer.dims
+        world_axis = pick.axis + dims.ndim - image.ndim
+        if dims.ndisplay != 2:
+            dims.ndisplay = 2
+        if world_axis in dims.displayed:
+            dims.order = (world_axis, *(a for a in dims.order if a != world_axis))
+        point = np.asarray(image.world_to_data(dims.point[-image.ndim :]), dtype=float)
+        point[pick.axis] = pick.index
+        dims.set_point(world_axis, float(image.data_to_world(point)[pick.axis]))
+        labels = self.selected_labels()
+        if labels is not None:
+            self.viewer.layers.selection.active = labels
+        total = len(self._suggestions.slices) if self._suggestions is not None else rank
+        self.status.setText(
+            f"Label slice {pick.index} ({AXIS_NAMES[pick.axis]}) next: rank {rank} of {total}, "
+            f"the two streams disagree on {pick.disagreement} voxels there. Paint it (or mark "
+            "it empty), press Label next for the next one, then Start again."
+        )
+        show_info(self.status.text())
+
     def _model_to_predict_with(self) -> str | None:
         """The model chosen in 'Start from', else the one fine-tuned in this session."""
         selected = self._selected_model()
@@ -578,6 +691,8 @@ class FinetuneWidget(JobWidget):
             self.progress.setRange(0, 0)
         elif isinstance(event, SegmentationReady):
             self._show_prediction(event)
+        elif isinstance(event, SlicesSuggested):
+            self._on_suggested(event)
 
     def _show_prediction(self, event: SegmentationReady) -> None:
         image = self._job_image
