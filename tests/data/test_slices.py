@@ -6,6 +6,7 @@ import pytest
 from napari_fewlabel.data.slices import (
     check_empty_slices,
     check_one_axis,
+    corrected_slices,
     infer_slice_axis,
     labelled_slices,
     unlabelled_slices,
@@ -94,3 +95,23 @@ def test_labels_painted_along_two_axes_are_refused_with_both_named():
         with pytest.raises(FewLabelError, match="painted along two axes") as info:
             check_one_axis(labels, axis)
         assert "z (axial)" in str(info.value) and "y (coronal)" in str(info.value)
+
+
+def test_corrected_slices_are_the_slices_that_changed():
+    before = np.zeros((10, 12, 14), np.uint8)
+    after = before.copy()
+    after[3, 2:6, 2:6] = 1  # a blob brushed on axial slice 3
+    after[7, 5:9, 1:4] = 2  # and one on slice 7
+    assert corrected_slices(before, after, axis=0).tolist() == [3, 7]
+    assert corrected_slices(before, before, axis=0).size == 0
+
+
+def test_a_correction_drawn_in_another_orientation_is_refused():
+    before = np.zeros((10, 12, 14), np.uint8)
+    after = before.copy()
+    after[2:8, 6, 3:9] = 1  # brushed on coronal slice 6, across six axial slices
+    with pytest.raises(FewLabelError, match="y \\(coronal\\) slice 6, across 6 z \\(axial\\)"):
+        corrected_slices(before, after, axis=0)
+    assert corrected_slices(before, after, axis=1).tolist() == [6]
+    with pytest.raises(FewLabelError, match="predict again"):
+        corrected_slices(before, after[:5], axis=0)

@@ -421,3 +421,48 @@ def test_label_next_shows_the_unlabelled_slices_the_model_is_least_sure_of(
     assert not widget.runner.is_running
     assert widget._slice_on_screen() == (0, expected[1].index)
     assert "rank 2 of 5" in widget.status.text()
+
+
+def test_refine_learns_from_a_corrected_slice_and_keeps_undo(
+    widget_with_scan, small_phantom, qtbot
+):
+    """Correct one slice of the prediction, Refine: it becomes labelled, the prediction there
+    moves toward the correction, the earlier prediction is one Ctrl+Z away."""
+    from napari_fewlabel.models.checkpoint import read_card
+
+    viewer, widget = widget_with_scan
+    truth = small_phantom.labels.array
+    messages = notifications(widget.refine)
+    assert any("Nothing to refine yet" in m for m in messages)
+
+    annotation = widget.new_annotation_layer()
+    _paint(annotation, truth)
+    widget.steps_spin.setValue(50)
+    assert widget.start()
+    _wait_done(qtbot, widget)
+    first_model = widget._checkpoint
+    prediction = viewer.layers["phantom prediction"]
+    messages = notifications(widget.refine)  # nothing corrected, nothing painted
+    assert any("Nothing new to learn from" in m for m in messages)
+    assert not widget.runner.is_running
+
+    # The user corrects the worst unlabelled slice with a brush (an undoable edit).
+    before = np.array(prediction.data, copy=True)
+    errors = [(before[z] != truth[z]).sum() if z not in LABELLED else -1 for z in range(48)]
+    z = int(np.argmax(errors))
+    wrong = np.nonzero(before[z] != truth[z])
+    prediction.data_setitem((np.full_like(wrong[0], z), *wrong), truth[z][wrong])
+    corrected = np.array(prediction.data, copy=True)
+
+    assert widget.refine()
+    _wait_done(qtbot, widget)
+    assert np.array_equal(np.asarray(annotation.data)[z], truth[z])  # now a labelled slice
+    card = read_card(widget._checkpoint)
+    assert widget._checkpoint != first_model and first_model.exists()  # the earlier model kept
+    assert card.training["steps_planned"] == 10  # a fifth of the 50 steps
+    assert first_model.name in card.training["started_from"]
+    assert z in card.training["data"]["labelled_slices"]
+    after = np.asarray(prediction.data)
+    assert (after[z] != truth[z]).sum() < errors[z]
+    prediction.undo()
+    assert np.array_equal(np.asarray(prediction.data), corrected)

@@ -172,3 +172,40 @@ def check_empty_slices(labels: np.ndarray, axis: int, marked: Iterable[int]) -> 
 def _check_axis(axis: int) -> None:
     if axis not in (0, 1, 2):
         raise FewLabelError(f"Slice axis must be 0, 1 or 2 (z, y, x), got {axis}.")
+
+
+def corrected_slices(before: np.ndarray, after: np.ndarray, axis: int) -> np.ndarray:
+    """Indices along ``axis`` of the slices where ``after`` differs from ``before``.
+
+    What a user changed in a prediction: each such slice becomes a labelled
+    slice for the next round (the rest of it is the prediction, accepted).
+
+    Raises
+    ------
+    FewLabelError
+        When the changes lie in a single slice of another orientation spanning
+        several ``axis`` slices: a correction drawn in a coronal view of a model
+        that learns from axial slices, which would label many axial slices that
+        nobody checked.
+    """
+    _check_axis(axis)
+    if before.shape != after.shape:
+        raise FewLabelError(
+            f"The prediction layer has shape {after.shape} but the prediction shown had "
+            f"{before.shape}: predict again, then correct."
+        )
+    changed = before != after
+    along = np.flatnonzero(np.moveaxis(changed, axis, 0).reshape(changed.shape[axis], -1).any(1))
+    if along.size > 1:
+        for other in (a for a in range(3) if a != axis):
+            hit = np.flatnonzero(
+                np.moveaxis(changed, other, 0).reshape(changed.shape[other], -1).any(1)
+            )
+            if hit.size == 1:
+                raise FewLabelError(
+                    f"The corrections lie in {AXIS_NAMES[other]} slice {int(hit[0])}, across "
+                    f"{along.size} {AXIS_NAMES[axis]} slices, but the model learns from "
+                    f"{AXIS_NAMES[axis]} slices: undo them (Ctrl+Z) and correct whole "
+                    f"{AXIS_NAMES[axis]} slices instead."
+                )
+    return along

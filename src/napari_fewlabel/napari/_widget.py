@@ -7,8 +7,9 @@
 3. Model, device (the one in use is always shown) and training budget.
 4. Start / Stop, progress with ETA, a live plot of the losses and validation Dice.
 5. Results: the "<image> prediction" layer, Save model..., Export mask...,
-   Predict with model for an existing checkpoint, and Label next: the
-   unlabelled slice where the model is least sure, shown in the viewer.
+   Predict with model for an existing checkpoint, Label next (the unlabelled
+   slice where the model is least sure, shown in the viewer) and Refine
+   (continue from the last model with the slices corrected since).
 
 The work runs in a child process (``_runner.ProcessRunner``) so napari stays
 responsive; everything it reports arrives as events from the engine.
@@ -42,6 +43,7 @@ from napari_fewlabel.data.presets import CLASS_PRESETS, CUSTOM
 from napari_fewlabel.data.slices import (
     AXIS_NAMES,
     check_empty_slices,
+    corrected_slices,
     infer_slice_axis,
     labelled_slices,
 )
@@ -78,6 +80,8 @@ FROM_FILE = "From file..."
 DEFAULT_START = "default (pretrained encoder)"
 RANDOM_START = "none (random initialisation)"
 DEFAULT_STEPS = 300
+#: A Refine round trains this share of the steps of a full run.
+REFINE_SHARE = 0.2
 
 
 class FinetuneWidget(JobWidget):
@@ -90,6 +94,9 @@ class FinetuneWidget(JobWidget):
         self._job_image: Image | None = None
         self._job_kind = ""
         self._suggestions: SlicesSuggested | None = None
+        # The prediction as last shown, to find the slices corrected since.
+        self._shown_prediction: np.ndarray | None = None
+        self._refine_axis = 0
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
         self._count_timer.setInterval(250)
@@ -225,10 +232,18 @@ class FinetuneWidget(JobWidget):
             "there teaches it the most. Press again for the next one on the list."
         )
         self.next_button.clicked.connect(self.label_next)
-        for button in (self.save_model_button, self.export_button):
+        self.refine_button = QPushButton("Refine")
+        self.refine_button.setToolTip(
+            "Correct the prediction on a few slices (or paint more slices of the annotation), "
+            "then Refine: training goes on from the last model with those slices, for a fifth "
+            "of the steps, and the prediction is replaced (Ctrl+Z brings it back)."
+        )
+        self.refine_button.clicked.connect(self.refine)
+        for button in (self.save_model_button, self.export_button, self.refine_button):
             button.setEnabled(False)
         layout.addWidget(self.predict_button)
         layout.addWidget(self.next_button)
+        layout.addWidget(self.refine_button)
         layout.addWidget(self.save_model_button)
         layout.addWidget(self.export_button)
         return box
@@ -482,6 +497,83 @@ class FinetuneWidget(JobWidget):
         self.progress.setValue(0)
         return True
 
+    def refine(self) -> bool:
+        """Train on from the last model with the slices corrected since; False if refused.
+
+        Slices of the prediction layer changed since it was shown become labelled
+        slices of the annotation (the whole slice: what was not corrected is
+        accepted); slices painted on the annotation layer count too. The run
+        starts from all weights of the last model, for :data:`REFINE_SHARE` of
+        the steps, and writes a new model file: the earlier one is kept.
+        """
+        if self.runner.is_running:
+            show_warning("A job is already running: wait for it or press Stop.")
+            return False
+        try:
+            job = self._build_refine_job()
+        except FewLabelError as exc:
+            show_error(str(exc))
+            return False
+        self._start_job("refine", finetune_and_predict, job)
+        self.status.setText(
+            f"Refining {Path(str(job.model)).name} for {job.steps} steps with "
+            f"{len(labelled_slices(np.asarray(job.labels), self._refine_axis))} labelled slices..."
+        )
+        self.progress.setRange(0, job.steps)
+        self.progress.setValue(0)
+        return True
+
+    def _build_refine_job(self) -> Any:
+        from dataclasses import replace
+
+        from napari_fewlabel.models.checkpoint import read_card
+
+        layer = self._prediction_layer
+        if self._checkpoint is None or layer is None or layer not in self.viewer.layers:
+            raise FewLabelError(
+                "Nothing to refine yet: press Start (or Predict with model), correct the "
+                "prediction on a few slices, then Refine."
+            )
+        labels = self.selected_labels()
+        if labels is None:
+            raise FewLabelError(
+                "Choose the annotation layer in '2. Annotation': Refine adds the corrected "
+                "slices to it."
+            )
+        card = read_card(self._checkpoint)
+        axis = card.slice_axis
+        self._refine_axis = axis
+        annotation = np.asarray(labels.data)
+        prediction = np.asarray(layer.data)
+        if annotation.shape != prediction.shape:
+            raise FewLabelError(
+                f"The annotation layer has shape {annotation.shape} but the prediction has "
+                f"{prediction.shape}: choose the annotation of this scan in '2. Annotation'."
+            )
+        shown = self._shown_prediction if self._shown_prediction is not None else prediction
+        corrected = corrected_slices(shown, prediction, axis)
+        had = set(labelled_slices(annotation, axis).tolist())
+        adopted = [int(i) for i in corrected if int(i) not in had]
+        trained = set(card.training.get("data", {}).get("labelled_slices", []))
+        trained |= set(card.training.get("data", {}).get("empty_slices", []))
+        marked_axis, empty = marked_empty(labels)
+        now = had | set(adopted) | (set(empty) if marked_axis == axis else set())
+        if trained and now <= trained:
+            raise FewLabelError(
+                "Nothing new to learn from: correct the prediction on a slice (or paint a slice "
+                "of the annotation, or mark one empty), then Refine."
+            )
+        if adopted:
+            index = np.zeros(annotation.shape, bool)
+            sl: list[Any] = [slice(None)] * 3
+            sl[axis] = adopted
+            index[tuple(sl)] = True
+            labels.data_setitem(np.nonzero(index), prediction[index])  # undoable, like a brush
+            self._update_slice_count()
+        job = self._build_job()
+        steps = max(10, round(REFINE_SHARE * self.steps_spin.value()))
+        return replace(job, model=str(self._checkpoint), steps=steps, axis=axis)
+
     def _build_job(self) -> Any:
         from napari_fewlabel.train.finetune import FinetuneJob
 
@@ -702,18 +794,20 @@ class FinetuneWidget(JobWidget):
         volume = self._image_volume(image)
         layer = show_prediction(self.viewer, f"{image.name} prediction", volume, event)
         self._prediction_layer = layer
+        self._shown_prediction = np.array(layer.data, copy=True)
         self._checkpoint = event.checkpoint
         self.export_button.setEnabled(True)
         self.save_model_button.setEnabled(True)
+        self.refine_button.setEnabled(True)
         counts = np.bincount(event.labels.ravel(), minlength=len(event.classes))
         voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
         summary = ", ".join(
             f"{c.name} {counts[c.index] * voxel_ml:.1f} mL" for c in event.classes[1:]
         )
         hint = (
-            " Structure marked on a slice that has none? Show that slice, press 'Mark slice "
-            "empty' and Start again."
-            if self._job_kind == "finetune"
+            " Wrong somewhere? Correct a few slices (or press Label next), then Refine; a "
+            "slice with none of the structures: show it and press 'Mark slice empty'."
+            if self._job_kind in ("finetune", "refine")
             else ""
         )
         self.status.setText(f"Prediction ready: {summary}.{hint}")
