@@ -434,7 +434,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "all", "labelled"),
         help="all: also train on the coronal/sagittal slices across the labelled ones (their "
         "labelled lines) and average three planes at prediction; labelled: the labelled "
-        "plane only; auto: all unless a painted structure is small (default: the method's; "
+        "plane only; auto: all unless one of several painted structures is small (default: the method's; "
         "docs/engine.md)",
     )
     p.set_defaults(func=_cmd_finetune)

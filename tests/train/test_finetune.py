@@ -464,19 +464,37 @@ def test_slices_marked_empty_take_at_most_their_share_of_the_labelled_draws(make
 
 
 def test_planes_auto_keeps_a_small_structure_on_the_painted_plane(make_job, tiny_case, tmp_path):
-    """A 3x3 blob (0.2 % of its slices) trains on the painted plane only; a 40x40 one
-    trains on the planes across too, and the card says which planes predict."""
-    small = np.zeros(tiny_case.image.shape, dtype=np.uint8)
-    small[[6, 11], 30:33, 30:33] = 1
+    """A 3x3 blob (0.2 % of its slices) beside a 40x40 organ trains on the painted plane
+    only; the blob alone, or the organ alone, trains on the planes across too, and the
+    card says which planes predict."""
+    both = np.zeros(tiny_case.image.shape, dtype=np.uint8)
+    both[[6, 11], 10:30, 10:30] = 1
+    both[[6, 11], 40:43, 40:43] = 2
     auto = replace(make_job().settings, planes="auto")
     events = _events(
         make_job(
-            steps=1, labels=small, classes=named_classes(["background", "blob"]), settings=auto
+            steps=1,
+            labels=both,
+            classes=named_classes(["background", "organ", "blob"]),
+            settings=auto,
         )
     )
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert any("blob covers 0.2% of the slices" in m for m in notices), notices
     assert read_card(events[-1].checkpoint).inference["planes"] == [0]
+
+    alone = np.where(both == 2, 1, 0).astype(np.uint8)
+    events = _events(
+        make_job(
+            steps=1,
+            labels=alone,
+            classes=named_classes(["background", "blob"]),
+            settings=auto,
+            out=tmp_path / "blob.safetensors",
+        )
+    )
+    assert not any("covers" in e.message for e in events if isinstance(e, Notice))
+    assert read_card(events[-1].checkpoint).inference["planes"] == [0, 1, 2]
 
     large = np.zeros(tiny_case.image.shape, dtype=np.uint8)
     large[[6, 11], 10:50, 10:50] = 1

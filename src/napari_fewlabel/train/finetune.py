@@ -150,9 +150,9 @@ class FinetuneSettings:
         slices carry the labelled slices' lines (every other voxel ignored by
         the loss, :mod:`napari_fewlabel.data.planes`), and prediction averages
         the three planes' probabilities: context across slices from the same
-        2D network. ``"auto"`` (the default) is ``"all"`` unless a painted
-        structure is small (under 2 % of the painted slices it is on), which is learnt on the
-        labelled plane only (measured: docs/engine.md).
+        2D network. ``"auto"`` (the default) is ``"all"`` unless one of two
+        or more painted structures is small (under 2 % of the painted slices it is on):
+        then the labelled plane only (measured: docs/engine.md).
     labelled_plane_share : float
         With ``planes="all"``, the fraction of steps drawn from the labelled
         plane; the two other planes share the rest.
@@ -263,7 +263,11 @@ class FinetuneSettings:
             out.append(
                 f"planes={self.planes}: also trained on the two planes across the labelled "
                 "slices (their labelled lines), prediction averaged over three planes"
-                + (" unless a painted structure is small" if self.planes == "auto" else "")
+                + (
+                    " unless one of several painted structures is small"
+                    if self.planes == "auto"
+                    else ""
+                )
             )
         if self.class_balance > 0:
             out.append(
