@@ -141,6 +141,15 @@ class SlicesSuggested:
     checkpoint: Path
 
 
+#: A Refine round (the widget's button) trains this share of the steps of a full run.
+REFINE_SHARE = 0.2
+
+
+def refine_steps(full_steps: int) -> int:
+    """Steps of a Refine round after a full run of ``full_steps``: a fifth, at least 10."""
+    return max(10, round(REFINE_SHARE * full_steps))
+
+
 def suggest_next_slices(
     model: str | Path,
     image: Volume,

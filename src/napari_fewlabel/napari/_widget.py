@@ -55,6 +55,7 @@ from napari_fewlabel.jobs import (
     SlicesSuggested,
     finetune_and_predict,
     predict_with_model,
+    refine_steps,
     suggest_next_slices,
 )
 from napari_fewlabel.napari._job_widget import JobWidget
@@ -80,8 +81,6 @@ FROM_FILE = "From file..."
 DEFAULT_START = "default (pretrained encoder)"
 RANDOM_START = "none (random initialisation)"
 DEFAULT_STEPS = 300
-#: A Refine round trains this share of the steps of a full run.
-REFINE_SHARE = 0.2
 
 
 class FinetuneWidget(JobWidget):
@@ -503,8 +502,9 @@ class FinetuneWidget(JobWidget):
         Slices of the prediction layer changed since it was shown become labelled
         slices of the annotation (the whole slice: what was not corrected is
         accepted); slices painted on the annotation layer count too. The run
-        starts from all weights of the last model, for :data:`REFINE_SHARE` of
-        the steps, and writes a new model file: the earlier one is kept.
+        starts from all weights of the last model, for a fifth of the steps
+        (:func:`~napari_fewlabel.jobs.refine_steps`), and writes a new model file:
+        the earlier one is kept.
         """
         if self.runner.is_running:
             show_warning("A job is already running: wait for it or press Stop.")
@@ -571,7 +571,7 @@ class FinetuneWidget(JobWidget):
             labels.data_setitem(np.nonzero(index), prediction[index])  # undoable, like a brush
             self._update_slice_count()
         job = self._build_job()
-        steps = max(10, round(REFINE_SHARE * self.steps_spin.value()))
+        steps = refine_steps(self.steps_spin.value())
         return replace(job, model=str(self._checkpoint), steps=steps, axis=axis)
 
     def _build_job(self) -> Any:
