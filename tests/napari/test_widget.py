@@ -14,7 +14,7 @@ from napari_fewlabel.io import METADATA_KEY
 from napari_fewlabel.models.checkpoint import load_checkpoint, load_optimizer_state
 from napari_fewlabel.napari._layers import image_layer_data
 from napari_fewlabel.napari._widget import FinetuneWidget
-from napari_fewlabel.train.events import Done, Progress
+from napari_fewlabel.train.events import Done, Preview, Progress
 from notifications import notifications
 
 pytestmark = pytest.mark.gui
@@ -466,3 +466,44 @@ def test_refine_learns_from_a_corrected_slice_and_keeps_undo(
     assert (after[z] != truth[z]).sum() < errors[z]
     prediction.undo()
     assert np.array_equal(np.asarray(prediction.data), corrected)
+
+
+def test_live_preview_follows_the_slice_on_screen_and_goes_when_training_ends(
+    widget_with_scan, small_phantom, qtbot
+):
+    """While training runs, "<scan> preview" shows the slice on screen and its neighbours
+    as the model of the moment labels them; it follows the view, never becomes the
+    annotation, and is gone once the prediction arrives."""
+    viewer, widget = widget_with_scan
+    annotation = widget.new_annotation_layer()
+    _paint(annotation, small_phantom.labels.array)
+    widget.steps_spin.setValue(100_000)
+    widget.preview_every_s = 0.0
+    previews = []
+    widget.runner.job_event.connect(
+        lambda e: previews.append(e) if isinstance(e, Preview) else None
+    )
+    viewer.dims.set_current_step(0, 24)
+    assert widget.start()
+    # The widget handles each event before this test's slot sees it: previews[-1] is shown.
+    qtbot.waitUntil(lambda: bool(previews) and previews[-1].labels.any(), timeout=300_000)
+    layer = viewer.layers["phantom preview"]
+    shown = np.asarray(layer.data)
+    assert (previews[-1].axis, previews[-1].start) == (0, 23)
+    assert np.array_equal(shown[23:26], previews[-1].labels)
+    assert not shown[:23].any() and not shown[26:].any()
+    assert widget.selected_labels() is annotation
+    assert viewer.layers.selection.active is annotation
+    assert widget.labels_combo.findText("phantom preview") == -1
+
+    seen = len(previews)
+    viewer.dims.set_current_step(0, 10)
+    qtbot.waitUntil(lambda: any(p.start == 9 for p in previews[seen:]), timeout=120_000)
+    shown = np.asarray(layer.data)
+    assert np.array_equal(shown[9:12], previews[-1].labels)
+    assert not shown[23:26].any()  # the slices shown before are cleared
+
+    widget.stop()
+    _wait_done(qtbot, widget)
+    assert "phantom preview" not in viewer.layers
+    assert "phantom prediction" in viewer.layers

@@ -24,6 +24,8 @@ PREDICTION_KEY = "fewlabel_prediction"
 #: layer.metadata key of an annotation layer's slices marked empty:
 #: ``{"axis": int, "slices": [int, ...]}`` (indices along that data axis).
 EMPTY_SLICES_KEY = "fewlabel_empty_slices"
+#: Metadata key marking the live preview layer (never an annotation, never listed).
+PREVIEW_KEY = "fewlabel_preview"
 
 #: Soft-tissue window (W400/L40) for CT; MR uses its 0.5-99.5 percentiles.
 CT_WINDOW = (-160.0, 240.0)
@@ -123,6 +125,16 @@ def show_prediction(
     kwargs["metadata"][PREDICTION_KEY] = True
     kwargs["opacity"] = 0.5
     return viewer.add_labels(data, **kwargs)
+
+
+def slice_on_screen(viewer: napari.viewer.Viewer, layer: Any) -> tuple[int, int] | None:
+    """``(data axis, index)`` of ``layer``'s slice in the 2D view; None in 3D or outside it."""
+    dims = viewer.dims
+    if layer.ndim != 3 or dims.ndisplay != 2 or len(dims.not_displayed) != dims.ndim - 2:
+        return None
+    axis = dims.not_displayed[-1] - (dims.ndim - layer.ndim)
+    index = int(np.round(layer.world_to_data(dims.point)[axis]))
+    return (axis, index) if 0 <= index < layer.data.shape[axis] else None
 
 
 def layer_meta(layer: Any) -> dict[str, Any]:

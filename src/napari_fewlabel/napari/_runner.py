@@ -14,8 +14,10 @@ Two runners with one interface, so the widget does not care which is used:
 
 ``docs/benchmarks.md`` ("GUI responsiveness") has the measurement behind the
 default. A job is any importable function ``target(*args, cancel=flag)``
-returning an iterator of picklable events; the runner passes a flag with
-``is_set()`` and sets it on :meth:`stop`.
+returning an iterator of picklable events; the runner passes a
+:class:`~napari_fewlabel.train.control.JobControl`: a flag with ``is_set()``,
+set on :meth:`stop`, that also carries the slice on screen
+(:meth:`show_slice`) for a fine-tuning run's live preview.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from qtpy.QtCore import QObject, QTimer, Signal
 
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.train.control import JobControl
 
 #: How often the GUI thread drains the event queue (ms).
 POLL_MS = 30
@@ -152,6 +155,10 @@ class _Runner(QObject):
         """Ask the job to stop at its next check (between training steps)."""
         self._cancel_flag().set()
 
+    def show_slice(self, axis: int | None, index: int = -1) -> None:
+        """Tell the job which slice the viewer shows (None: no slice, e.g. the 3D view)."""
+        self._cancel_flag().show_slice(axis, index)
+
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Stop and wait; used when the viewer closes. Forces the end after ``timeout_s``."""
         if not self._running:
@@ -165,7 +172,7 @@ class _Runner(QObject):
     def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
         raise NotImplementedError
 
-    def _cancel_flag(self) -> Any:
+    def _cancel_flag(self) -> JobControl:
         raise NotImplementedError
 
     def _get_nowait(self) -> Any:
@@ -229,7 +236,7 @@ class ProcessRunner(_Runner):
         self._jobs: Any = None
         self._reader: threading.Thread | None = None
         self._events: queue.Queue[Any] = queue.Queue()
-        self._cancel: Any = self._ctx.Event()
+        self._cancel = JobControl(self._ctx)
 
     def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
         self._events = queue.Queue()
@@ -237,7 +244,7 @@ class ProcessRunner(_Runner):
         self._jobs = self._ctx.Queue()
         # If the child dies before reading the job, exiting napari must not wait for it.
         self._jobs.cancel_join_thread()
-        self._cancel = self._ctx.Event()
+        self._cancel = JobControl(self._ctx)
         self._process = self._ctx.Process(
             target=_child_main,
             args=(self._jobs, send, self._cancel),
@@ -254,7 +261,7 @@ class ProcessRunner(_Runner):
         self._reader.start()
         self._jobs.put((target, args))  # a feeder thread writes it; the GUI thread returns at once
 
-    def _cancel_flag(self) -> Any:
+    def _cancel_flag(self) -> JobControl:
         return self._cancel
 
     def _get_nowait(self) -> Any:
@@ -304,11 +311,11 @@ class ThreadRunner(_Runner):
         super().__init__(parent)
         self._thread: threading.Thread | None = None
         self._events: queue.Queue[Any] = queue.Queue()
-        self._cancel = threading.Event()
+        self._cancel = JobControl()
 
     def _launch(self, target: Callable[..., Iterator[Any]], args: tuple) -> None:
         self._events = queue.Queue()
-        self._cancel = threading.Event()
+        self._cancel = JobControl()
         self._thread = threading.Thread(
             target=_drive,
             args=(target, args, self._cancel, self._events.put),
@@ -317,7 +324,7 @@ class ThreadRunner(_Runner):
         )
         self._thread.start()
 
-    def _cancel_flag(self) -> Any:
+    def _cancel_flag(self) -> JobControl:
         return self._cancel
 
     def _get_nowait(self) -> Any:

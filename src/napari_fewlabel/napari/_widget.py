@@ -63,16 +63,19 @@ from napari_fewlabel.napari._layers import (
     CLASSES_KEY,
     EMPTY_SLICES_KEY,
     PREDICTION_KEY,
+    PREVIEW_KEY,
     labels_layer_data,
     layer_meta,
     mask_info_of,
     show_prediction,
+    slice_on_screen,
     volume_from_layer,
 )
 from napari_fewlabel.napari._plot import LinePlot
 from napari_fewlabel.napari._runner import JobFailed, notify_failure
-from napari_fewlabel.train.events import Done, Notice, Progress
+from napari_fewlabel.train.events import Done, Notice, Preview, Progress
 from napari_fewlabel.train.finetune import RANDOM_INIT
+from napari_fewlabel.train.preview import PREVIEW_EVERY_S
 
 if TYPE_CHECKING:
     import napari
@@ -96,6 +99,13 @@ class FinetuneWidget(JobWidget):
         # The prediction as last shown, to find the slices corrected since.
         self._shown_prediction: np.ndarray | None = None
         self._refine_axis = 0
+        # Live preview: its layer, the classes of the run, the slices it shows now.
+        self._preview_layer: Labels | None = None
+        self._preview_classes: tuple[SegmentationClass, ...] = ()
+        self._preview_shown: tuple[int, int, int] | None = None
+        self._following_view = False
+        #: Seconds between live previews (``FinetuneJob.preview_every_s``).
+        self.preview_every_s = PREVIEW_EVERY_S
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
         self._count_timer.setInterval(250)
@@ -256,7 +266,7 @@ class FinetuneWidget(JobWidget):
             combo.blockSignals(True)
             combo.clear()
             for layer in self.viewer.layers:
-                if isinstance(layer, kind):
+                if isinstance(layer, kind) and not layer.metadata.get(PREVIEW_KEY):
                     combo.addItem(layer.name, layer)
             index = combo.findData(current) if current is not None else -1
             if index >= 0:
@@ -392,14 +402,12 @@ class FinetuneWidget(JobWidget):
         dims = self.viewer.dims
         if dims.ndisplay != 2 or len(dims.not_displayed) != dims.ndim - 2:
             raise FewLabelError("Switch to the 2D view and show the slice to mark as empty.")
-        axis = dims.not_displayed[-1] - (dims.ndim - labels.ndim)
-        index = int(np.round(labels.world_to_data(dims.point)[axis]))
-        if not 0 <= index < labels.data.shape[axis]:
+        where = slice_on_screen(self.viewer, labels)
+        if where is None:
             raise FewLabelError(
-                f"The view is outside the annotation layer (slice {index}): scroll to a slice "
-                "of the scan."
+                "The view is outside the annotation layer: scroll to a slice of the scan."
             )
-        return axis, index
+        return where
 
     def _on_preset_changed(self, name: str) -> None:
         self.custom_names.setVisible(name == CUSTOM)
@@ -490,6 +498,7 @@ class FinetuneWidget(JobWidget):
         except FewLabelError as exc:
             show_error(str(exc))
             return False
+        self._preview_classes = job.classes or ()
         self._start_job("finetune", finetune_and_predict, job)
         self.status.setText("Starting (the first step takes a few seconds)...")
         self.progress.setRange(0, job.steps)
@@ -514,6 +523,7 @@ class FinetuneWidget(JobWidget):
         except FewLabelError as exc:
             show_error(str(exc))
             return False
+        self._preview_classes = job.classes or ()
         self._start_job("refine", finetune_and_predict, job)
         self.status.setText(
             f"Refining {Path(str(job.model)).name} for {job.steps} steps with "
@@ -621,6 +631,7 @@ class FinetuneWidget(JobWidget):
             steps=self.steps_spin.value(),
             time_budget_s=60.0 * minutes if minutes else None,
             device=self.device_combo.currentText(),
+            preview_every_s=self.preview_every_s,
         )
 
     def predict_with_selected_model(self) -> bool:
@@ -758,6 +769,8 @@ class FinetuneWidget(JobWidget):
         self.runner.start(target, *args)
         self.start_button.setText("Stop")
         self.predict_button.setEnabled(False)
+        if kind in ("finetune", "refine"):
+            self._follow_slice_on_screen(True)
 
     def stop(self) -> None:
         """Stop training (kept: the weights so far, then a prediction with them)."""
@@ -770,7 +783,10 @@ class FinetuneWidget(JobWidget):
         elif isinstance(event, Notice):
             (show_warning if event.level == "warning" else show_info)(event.message)
             self.status.setText(event.message)
+        elif isinstance(event, Preview):
+            self._show_preview(event)
         elif isinstance(event, Done):
+            self._end_preview()
             self._checkpoint = event.checkpoint
             self.save_model_button.setEnabled(event.checkpoint is not None)
             self.start_button.setText("Cancel prediction")
@@ -785,6 +801,77 @@ class FinetuneWidget(JobWidget):
             self._show_prediction(event)
         elif isinstance(event, SlicesSuggested):
             self._on_suggested(event)
+
+    # ------------------------------------------------------------ live preview
+    def _follow_slice_on_screen(self, on: bool) -> None:
+        """Tell the running job which slice is shown, now and whenever the view changes."""
+        if on == self._following_view:
+            return
+        self._following_view = on
+        events = self.viewer.dims.events
+        for emitter in (events.current_step, events.ndisplay, events.order):
+            if on:
+                emitter.connect(self._send_slice_on_screen)
+            else:
+                emitter.disconnect(self._send_slice_on_screen)
+        if on:
+            self._send_slice_on_screen()
+
+    def _send_slice_on_screen(self, *_: Any) -> None:
+        image = self._job_image
+        where = None
+        if image is not None and image in self.viewer.layers:
+            where = slice_on_screen(self.viewer, image)
+        if where is None:
+            self.runner.show_slice(None)
+        else:
+            self.runner.show_slice(*where)
+
+    def _show_preview(self, event: Preview) -> None:
+        """Copy the previewed slices into the "<scan> preview" layer (the last ones cleared)."""
+        image = self._job_image
+        if image is None or image not in self.viewer.layers:
+            return
+        layer = self._preview_layer
+        if layer is None or layer not in self.viewer.layers:
+            layer = self._preview_layer = self._add_preview_layer(image)
+            self._preview_shown = None
+        data = np.asarray(layer.data)
+        if self._preview_shown is not None:
+            axis, start, n = self._preview_shown
+            np.moveaxis(data, axis, 0)[start : start + n] = 0
+        n = len(event.labels)
+        np.moveaxis(data, event.axis, 0)[event.start : event.start + n] = event.labels
+        self._preview_shown = (event.axis, event.start, n)
+        layer.refresh()
+
+    def _add_preview_layer(self, image: Image) -> Labels:
+        volume = self._image_volume(image)
+        data, kwargs, _ = labels_layer_data(
+            np.zeros(volume.shape, dtype=np.uint8),
+            volume,
+            f"{image.name} preview",
+            self._preview_classes,
+        )
+        kwargs["metadata"][PREDICTION_KEY] = True
+        kwargs["metadata"][PREVIEW_KEY] = True
+        kwargs["opacity"] = 0.5
+        # Adding a layer selects it; keep the user's selection (they may be painting).
+        selection = self.viewer.layers.selection
+        before, active = set(selection), selection.active
+        layer = self.viewer.add_labels(data, **kwargs)
+        selection.clear()
+        selection.update(before)
+        selection.active = active
+        return layer
+
+    def _end_preview(self) -> None:
+        """Training is over: stop following the view, and remove the preview layer."""
+        self._follow_slice_on_screen(False)
+        layer, self._preview_layer = self._preview_layer, None
+        self._preview_shown = None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
 
     def _show_prediction(self, event: SegmentationReady) -> None:
         image = self._job_image
@@ -816,6 +903,7 @@ class FinetuneWidget(JobWidget):
         self.status.setText(notify_failure(failure, "The job"))
 
     def _on_finished(self) -> None:
+        self._end_preview()
         self.start_button.setText("Start")
         self.predict_button.setEnabled(True)
         self.progress.setRange(0, max(self.progress.maximum(), 1))

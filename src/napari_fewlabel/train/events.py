@@ -3,7 +3,8 @@
 A job (``train.finetune.run``, ``train.pretrain.run``, ``train.adapt.run``) is a
 generator of these small frozen dataclasses. It yields :class:`Progress` after
 steps, :class:`Notice` for things the user should read (a fallback taken, a
-batch size reduced), and exactly one :class:`Done` last -- also when it was
+batch size reduced), :class:`Preview` (fine-tuning with a live preview: the
+slices on screen, labelled now), and exactly one :class:`Done` last -- also when it was
 cancelled, so the consumer always learns where the last good checkpoint is.
 """
 
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+import numpy as np
 
 
 class CancelFlag(Protocol):
@@ -73,4 +76,26 @@ class Done:
     cancelled: bool = False
 
 
-Event = Progress | Notice | Done
+@dataclass(frozen=True)
+class Preview:
+    """The slices on screen labelled by the model of this moment (live preview).
+
+    Attributes
+    ----------
+    axis : int
+        Data axis of the slices, ``(z, y, x)`` order.
+    start : int
+        Index of the first slice along ``axis``.
+    labels : ndarray, shape (n, h, w), uint8
+        Labels of slices ``start .. start + n - 1``, each as ``np.take(volume, i, axis)``.
+    step : int
+        Training steps done when they were labelled.
+    """
+
+    axis: int
+    start: int
+    labels: np.ndarray
+    step: int
+
+
+Event = Progress | Notice | Done | Preview

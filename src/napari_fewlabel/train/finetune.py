@@ -67,6 +67,7 @@ from napari_fewlabel.train.finetune_scores import (
     stream_agreement,
 )
 from napari_fewlabel.train.finetune_step import TrainingStep
+from napari_fewlabel.train.preview import PREVIEW_EVERY_S, LivePreview
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -341,6 +342,10 @@ class FinetuneJob:
         from ``image`` only.
     checkpoint_every_s : float
         Seconds between intermediate checkpoints.
+    preview_every_s : float
+        Seconds between live previews when the run's ``cancel`` flag says
+        which slice is on screen (a :class:`~.control.JobControl`; see
+        :mod:`~.preview`); 0: after every step.
     """
 
     image: Volume
@@ -362,6 +367,7 @@ class FinetuneJob:
     extra_unlabelled: tuple[Volume, ...] = ()
     extra_labelled: tuple[tuple[Volume, Volume | np.ndarray], ...] = ()
     checkpoint_every_s: float = 60.0
+    preview_every_s: float = PREVIEW_EVERY_S
 
 
 # ------------------------------------------------------------ out of memory
@@ -600,7 +606,9 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     job : FinetuneJob
     cancel : CancelFlag, optional
         Checked between steps; when set, the current weights are saved and
-        ``Done(cancelled=True)`` is yielded.
+        ``Done(cancelled=True)`` is yielded. A :class:`~.control.JobControl`
+        also says which slice is on screen: the run then yields
+        :class:`~.events.Preview` events of it (:mod:`~.preview`).
 
     Raises
     ------
@@ -686,6 +694,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         f"{len(data.unlabelled_pool)} unlabelled slice(s), input "
         f"{data.input_size[0]}x{data.input_size[1]}, {total} steps."
     )
+    preview = LivePreview.for_control(cancel, data, job.preview_every_s)
     step = begin.steps_done
     if step >= total:
         yield Notice(f"The checkpoint has already done {step} of {total} steps: nothing to train.")
@@ -738,6 +747,8 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                 **({"stream_agreement": agreement} if agreement is not None else {}),
             },
         )
+        if preview is not None:
+            yield from preview.maybe(network, step, device, precision)
         if time.perf_counter() - last_save >= job.checkpoint_every_s:
             save(step)
             last_save = time.perf_counter()
