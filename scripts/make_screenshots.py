@@ -20,7 +20,7 @@ from qtpy.QtWidgets import QApplication
 from napari_fewlabel.demo import demo_case
 from napari_fewlabel.napari._layers import image_layer_data
 from napari_fewlabel.napari._widget import FinetuneWidget
-from napari_fewlabel.train.events import Progress
+from napari_fewlabel.train.events import Preview, Progress
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 
@@ -64,19 +64,26 @@ def main() -> None:
 
     widget.steps_spin.setValue(args.steps)
     seen: list[Progress] = []
+    previews: list[Preview] = []
     widget.runner.job_event.connect(lambda e: seen.append(e) if isinstance(e, Progress) else None)
+    widget.runner.job_event.connect(
+        lambda e: previews.append(e) if isinstance(e, Preview) else None
+    )
+    # Training is followed on an unpainted slice: the live preview shows it.
+    other = next(
+        s for s in range(case.phantom.image.shape[0] // 2, 0, -1) if s not in case.labelled_slices
+    )
+    viewer.dims.set_point(0, viewer.layers[0].translate[0] + other * viewer.layers[0].scale[0])
     widget.start()
-    while widget.runner.is_running and (not seen or seen[-1].step < args.steps // 2):
+    while widget.runner.is_running and (
+        not seen or seen[-1].step < args.steps // 2 or not previews
+    ):
         _settle(app, 0.2)
     _shot(viewer, app, "03_training.png")
     while widget.runner.is_running:
         _settle(app, 0.2)
 
     annotation.visible = False
-    other = next(
-        s for s in range(case.phantom.image.shape[0] // 2, 0, -1) if s not in case.labelled_slices
-    )
-    viewer.dims.set_point(0, viewer.layers[0].translate[0] + other * viewer.layers[0].scale[0])
     viewer.layers.selection.active = viewer.layers["cardiac MR phantom prediction"]
     _shot(viewer, app, "04_prediction.png")
     viewer.dims.ndisplay = 3
@@ -86,6 +93,29 @@ def main() -> None:
     _shot(viewer, app, "05_prediction_3d.png")
     print(widget.status.text())
     assert np.asarray(viewer.layers["cardiac MR phantom prediction"].data).any()
+
+    # Label next: the view turns to the slice the model is least sure of.
+    viewer.layers["cardiac MR phantom"].visible = True
+    annotation.visible = True
+    widget.label_next()
+    while widget.runner.is_running:
+        _settle(app, 0.2)
+    _shot(viewer, app, "06_label_next.png")
+    print(widget.status.text())
+
+    # The user paints that slice (here: the phantom's truth there) and presses Refine.
+    axis, index = widget._slice_on_screen()
+    truth = np.take(case.phantom.labels.array, index, axis=axis)
+    region = [slice(None)] * 3
+    region[axis] = slice(index, index + 1)
+    annotation.data[tuple(region)] = np.expand_dims(truth, axis).astype(annotation.data.dtype)
+    annotation.events.data()
+    widget.refine()
+    while widget.runner.is_running:
+        _settle(app, 0.2)
+    viewer.layers.selection.active = viewer.layers["cardiac MR phantom prediction"]
+    _shot(viewer, app, "07_refined.png")
+    print(widget.status.text())
     viewer.close()
 
 
