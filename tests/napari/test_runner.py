@@ -104,3 +104,5 @@ def test_shutdown_ends_a_job_that_ignores_stop(qtbot):
     assert not runner.is_running
     assert not process.is_alive()
     assert all(len(e) == 2**20 for e in seen if isinstance(e, bytes))
+    # The user asked for the end: it is not reported as a crash ("killed by signal 15").
+    assert not any(isinstance(e, JobFailed) for e in seen)

@@ -139,6 +139,8 @@ class _Runner(QObject):
         self._timer.setInterval(POLL_MS)
         self._timer.timeout.connect(self._drain)
         self._running = False
+        # Set by shutdown: a child ended by force then was asked to end, not crashed.
+        self._ending_on_request = False
 
     @property
     def is_running(self) -> bool:
@@ -148,6 +150,7 @@ class _Runner(QObject):
         if self._running:
             raise FewLabelError("A job is already running: stop it before starting another.")
         self._launch(target, args)
+        self._ending_on_request = False
         self._running = True
         self._timer.start()
 
@@ -163,6 +166,7 @@ class _Runner(QObject):
         """Stop and wait; used when the viewer closes. Forces the end after ``timeout_s``."""
         if not self._running:
             return
+        self._ending_on_request = True
         self.stop()
         self._join(timeout_s)
         self._drain()
@@ -201,7 +205,8 @@ class _Runner(QObject):
                     try:  # the marker may have landed between the two checks
                         item = self._get_nowait()
                     except queue.Empty:
-                        self.job_failed.emit(JobFailed(_crash_message(self._exit_code()), True))
+                        if not self._ending_on_request:  # a cancel is not a crash
+                            self.job_failed.emit(JobFailed(_crash_message(self._exit_code()), True))
                         self._finish()
                         return
                 else:
