@@ -485,6 +485,9 @@ def test_live_preview_follows_the_slice_on_screen_and_goes_when_training_ends(
     )
     viewer.dims.set_current_step(0, 24)
     assert widget.start()
+    # Added with the click, empty: adding a layer later would freeze the window mid-run.
+    assert not np.asarray(viewer.layers["phantom preview"].data).any()
+    assert viewer.layers.selection.active is annotation
     # The widget handles each event before this test's slot sees it: previews[-1] is shown.
     qtbot.waitUntil(lambda: bool(previews) and previews[-1].labels.any(), timeout=300_000)
     layer = viewer.layers["phantom preview"]

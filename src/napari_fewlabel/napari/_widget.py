@@ -771,6 +771,19 @@ class FinetuneWidget(JobWidget):
         self.predict_button.setEnabled(False)
         if kind in ("finetune", "refine"):
             self._follow_slice_on_screen(True)
+            if self.preview_every_s >= 0:
+                self._open_preview_layer()
+
+    def _open_preview_layer(self) -> None:
+        """Add the empty "<scan> preview" layer now, while the click is being answered.
+
+        Adding a Labels layer costs napari 0.2-0.5 s on the GUI thread; done at
+        the first preview, that froze the window in the middle of training.
+        """
+        image = self._job_image
+        if image is not None and image in self.viewer.layers:
+            self._preview_layer = self._add_preview_layer(image)
+            self._preview_shown = None
 
     def stop(self) -> None:
         """Stop training (kept: the weights so far, then a prediction with them)."""
@@ -832,10 +845,10 @@ class FinetuneWidget(JobWidget):
         image = self._job_image
         if image is None or image not in self.viewer.layers:
             return
+        if self._preview_layer is None or self._preview_layer not in self.viewer.layers:
+            self._open_preview_layer()  # the user removed it: back it comes
         layer = self._preview_layer
-        if layer is None or layer not in self.viewer.layers:
-            layer = self._preview_layer = self._add_preview_layer(image)
-            self._preview_shown = None
+        assert layer is not None
         data = np.asarray(layer.data)
         if self._preview_shown is not None:
             axis, start, n = self._preview_shown
