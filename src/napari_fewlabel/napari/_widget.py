@@ -237,8 +237,9 @@ class FinetuneWidget(JobWidget):
         self.predict_button.clicked.connect(self.predict_with_selected_model)
         self.next_button = QPushButton("Label next")
         self.next_button.setToolTip(
-            "Show the unlabelled slice where the model's two streams disagree most: a label "
-            "there teaches it the most. Press again for the next one on the list."
+            "Show the unlabelled slice where the model's two streams disagree most, favouring "
+            "slices with a structure and far from those labelled: a label there teaches it the "
+            "most. Press again for the next one on the list."
         )
         self.next_button.clicked.connect(self.label_next)
         self.refine_button = QPushButton("Refine")
@@ -769,6 +770,7 @@ class FinetuneWidget(JobWidget):
         self.runner.start(target, *args)
         self.start_button.setText("Stop")
         self.predict_button.setEnabled(False)
+        self.next_button.setEnabled(False)
         if kind in ("finetune", "refine"):
             self._follow_slice_on_screen(True)
             if self.preview_every_s >= 0:
@@ -919,6 +921,7 @@ class FinetuneWidget(JobWidget):
         self._end_preview()
         self.start_button.setText("Start")
         self.predict_button.setEnabled(True)
+        self.next_button.setEnabled(True)
         self.progress.setRange(0, max(self.progress.maximum(), 1))
 
     # ------------------------------------------------------------ results
