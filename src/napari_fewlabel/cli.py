@@ -976,12 +976,9 @@ def _cmd_suggest(args: argparse.Namespace) -> int:
                           "slices": [p.to_dict() for p in picks]}))  # fmt: skip
         return 0
     print(f"Slices to label next along axis {axis} ({len(exclude)} labelled left out):")
-    print("rank  slice  score  voxels the streams disagree on  structure voxels")
+    print("rank  slice  voxels the streams disagree on  structure voxels")
     for rank, pick in enumerate(picks, start=1):
-        print(
-            f"{rank:>4}  {pick.index:>5}  {pick.score:>5.0f}  {pick.disagreement:>30}"
-            f"  {pick.foreground:>16}"
-        )
+        print(f"{rank:>4}  {pick.index:>5}  {pick.disagreement:>30}  {pick.foreground:>16}")
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 from napari_fewlabel.cli import main
 from napari_fewlabel.data import normalization
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.infer.suggest import distance_weight, stream_disagreement, suggest_slices
+from napari_fewlabel.infer.suggest import stream_disagreement, suggest_slices
 from napari_fewlabel.io import save_labels
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import save_checkpoint
@@ -23,58 +23,37 @@ def _volume(shape=(6, 32, 32), seed=0) -> Volume:
     return Volume.from_array(rng.gamma(2, 50, size=shape).astype(np.float32), modality="MR")
 
 
-def _by_hand(model, volume: Volume) -> tuple[list[int], list[int]]:
-    """Slice by slice, by hand: the 3-slice window (edges repeated), both streams' argmax;
-    voxels they label differently, and voxels both call a structure."""
+def _expected_disagreement(model, volume: Volume) -> list[int]:
+    """Slice by slice, by hand: the 3-slice window (edges repeated), both streams' argmax."""
     mapping = normalization.fit_intensity(volume.array, model.card.normalization)
     n = volume.shape[0]
-    differ, both = [], []
+    out = []
     for z in range(n):
         window = np.clip([z - 1, z, z + 1], 0, n - 1)
         x = torch.from_numpy(mapping(volume.array[window]))[None]
         with torch.no_grad():
-            a, b = (logits.argmax(1) for logits in model.network(x))
-        differ.append(int((a != b).sum()))
-        both.append(int(((a > 0) & (b > 0)).sum()))
-    return differ, both
+            a, b = model.network(x)
+        out.append(int((a.argmax(1) != b.argmax(1)).sum()))
+    return out
 
 
 def test_each_slice_counts_the_voxels_the_two_streams_label_differently(model):
     volume = _volume()
-    disagreement, foreground, agreed = stream_disagreement(
-        model, volume, device="cpu", batch_size=4
-    )
-    differ, both = _by_hand(model, volume)
-    assert disagreement.tolist() == differ
-    assert agreed.tolist() == both
+    disagreement, foreground = stream_disagreement(model, volume, device="cpu", batch_size=4)
+    assert disagreement.tolist() == _expected_disagreement(model, volume)
     assert disagreement.max() > 0  # a random network's two decoders do disagree
-    assert (agreed <= foreground).all() and (foreground <= 32 * 32).all()
+    assert (foreground >= 0).all() and (foreground <= 32 * 32).all()
 
 
-def test_distance_weight_favours_slices_far_from_the_labels():
-    w = distance_weight(40, [10])  # r = 40 / 20 = 2
-    assert w[10] == 0
-    assert w[11] == pytest.approx(1 / 3) and w[9] == pytest.approx(1 / 3)
-    assert w[30] == pytest.approx(20 / 22)
-    assert np.all(np.diff(w[10:]) > 0) and np.all(np.diff(w[:11]) < 0)
-    assert distance_weight(5, []).tolist() == [1.0] * 5
-
-
-def test_suggestions_leave_out_labelled_slices_and_come_best_first(model):
+def test_suggestions_leave_out_labelled_slices_and_come_highest_first(model):
     volume = _volume()
     picks = suggest_slices(model, volume, n=10, exclude=[1, 3], device="cpu")
     assert [p.index for p in picks if p.index in (1, 3)] == []
     assert len(picks) == 4  # six slices, two labelled
-    differ, both = _by_hand(model, volume)
-    weight = distance_weight(6, [1, 3])
-    assert all(p.disagreement == differ[p.index] for p in picks)
-    assert all(p.score == pytest.approx(differ[p.index] * weight[p.index]) for p in picks)
-    # Slices where both streams see a structure come first, each group best score first.
-    groups = [both[p.index] == 0 for p in picks]
-    assert groups == sorted(groups)
-    for group in (False, True):
-        scores = [p.score for p, g in zip(picks, groups, strict=True) if g == group]
-        assert scores == sorted(scores, reverse=True)
+    scores = [p.disagreement for p in picks]
+    assert scores == sorted(scores, reverse=True)
+    expected = _expected_disagreement(model, volume)
+    assert all(p.disagreement == expected[p.index] for p in picks)
     assert len(suggest_slices(model, volume, n=2, device="cpu")) == 2
 
 

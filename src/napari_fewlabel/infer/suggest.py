@@ -1,23 +1,11 @@
-"""Which slice to label next: where the model's two streams disagree, away from the labels.
+"""Which slice to label next: where the model's two streams disagree most.
 
 The fine-tuned network has two decoders that were trained to agree on
 unlabelled slices (cross pseudo-supervision). Where they still label a voxel
 differently, the model is unsure, and a label there settles the most. Each
-slice along the model's slice axis gets its disagreement: the number of its
-voxels whose label differs between the two streams.
-
-Disagreement alone picked poorly in the simulated labelling loop
-(``benchmarks/labelling_loop.py``): empty edge slices where one stream saw a
-stray structure, and slices next to a labelled one, which teach little new.
-So the ranking is uncertainty with diversity, as in suggestive annotation
-(Yang et al., MICCAI 2017):
-
-* the unlabelled slices where **both** streams see a structure come first,
-  then the others;
-* the score is the disagreement times ``d / (d + r)``, where ``d`` is the
-  distance in slices to the nearest labelled (or marked-empty) slice and
-  ``r`` a twentieth of the slice count (at least 1): a neighbour of a
-  labelled slice counts for less than a slice far from every label.
+slice along the model's slice axis gets a score: the number of its voxels
+whose label differs between the two streams. Slices already labelled (painted
+or marked empty) are left out; the rest are ranked by score, highest first.
 
 Cheap by design: one pass over the volume along one plane, the two streams'
 argmax compared batch by batch; nothing of the volume's size is kept beyond
@@ -54,24 +42,19 @@ class SliceScore:
         Voxels of the slice that the two streams label differently.
     foreground : int
         Voxels of the slice that either stream labels as a structure.
-    score : float
-        What the ranking sorts by: ``disagreement`` weighted by the distance to
-        the nearest labelled slice (module docstring).
     """
 
     index: int
     axis: int
     disagreement: int
     foreground: int
-    score: float
 
-    def to_dict(self) -> dict[str, int | float]:
+    def to_dict(self) -> dict[str, int]:
         return {
             "index": self.index,
             "axis": self.axis,
             "disagreement": self.disagreement,
             "foreground": self.foreground,
-            "score": round(self.score, 2),
         }
 
 
@@ -82,13 +65,12 @@ def stream_disagreement(
     axis: int | None = None,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per slice: voxels the two streams label differently, voxels either calls a
-    structure, and voxels both call a structure.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice: voxels the two streams label differently, and voxels either calls a structure.
 
     Returns
     -------
-    disagreement, foreground, agreed : ndarray of int64, shape (slices along ``axis``,)
+    disagreement, foreground : ndarray of int64, shape (slices along ``axis``,)
     """
     card = model.card
     axis = card.slice_axis if axis is None else axis
@@ -107,7 +89,6 @@ def stream_disagreement(
     n = array.shape[axis]
     disagreement = np.zeros(n, dtype=np.int64)
     foreground = np.zeros(n, dtype=np.int64)
-    agreed = np.zeros(n, dtype=np.int64)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         window = np.arange(start - half, stop + half).clip(0, n - 1)
@@ -120,22 +101,7 @@ def stream_disagreement(
         labels_b = fit.probabilities_from_input(logits_b.float().softmax(1)).argmax(1)
         disagreement[start:stop] = (labels_a != labels_b).flatten(1).sum(1).cpu().numpy()
         foreground[start:stop] = ((labels_a > 0) | (labels_b > 0)).flatten(1).sum(1).cpu().numpy()
-        agreed[start:stop] = ((labels_a > 0) & (labels_b > 0)).flatten(1).sum(1).cpu().numpy()
-    return disagreement, foreground, agreed
-
-
-def distance_weight(count: int, labelled: Iterable[int]) -> np.ndarray:
-    """Per slice, ``d / (d + r)``: 0 on a labelled slice, towards 1 far from every one.
-
-    ``d`` is the distance in slices to the nearest of ``labelled``; ``r`` is a
-    twentieth of ``count``, at least 1. Without labelled slices every weight is 1.
-    """
-    taken = np.array(sorted(set(labelled)), dtype=np.int64)
-    if taken.size == 0:
-        return np.ones(count)
-    d = np.abs(np.arange(count)[:, None] - taken[None, :]).min(axis=1).astype(np.float64)
-    r = max(1.0, count / 20)
-    return d / (d + r)
+    return disagreement, foreground
 
 
 def suggest_slices(
@@ -148,7 +114,7 @@ def suggest_slices(
     batch_size: int | None = None,
     device: str | torch.device = "auto",
 ) -> list[SliceScore]:
-    """The ``n`` best unlabelled slices to label next, best first (module docstring).
+    """The ``n`` unlabelled slices where the two streams disagree most, highest first.
 
     Parameters
     ----------
@@ -171,7 +137,7 @@ def suggest_slices(
     if n < 1:
         raise FewLabelError(f"Ask for at least one slice (n = {n}).")
     axis = model.card.slice_axis if axis is None else axis
-    disagreement, foreground, agreed = stream_disagreement(
+    disagreement, foreground = stream_disagreement(
         model, volume, axis=axis, batch_size=batch_size, device=device
     )
     count = disagreement.size
@@ -182,12 +148,7 @@ def suggest_slices(
             f"Slice(s) {', '.join(map(str, outside))} are outside the scan, which has {count} "
             f"slices along axis {axis}: give the labelled slices of this scan."
         )
-    unlabelled = [i for i in range(count) if i not in excluded]
-    score = disagreement * distance_weight(count, excluded)
-    # Slices where both streams see a structure first, then the highest score;
-    # ties (often 0) go to the slice with more structure.
-    unlabelled.sort(key=lambda i: (agreed[i] == 0, -float(score[i]), -int(foreground[i]), i))
-    return [
-        SliceScore(i, axis, int(disagreement[i]), int(foreground[i]), float(score[i]))
-        for i in unlabelled[:n]
-    ]
+    candidates = [i for i in range(count) if i not in excluded]
+    # Highest disagreement first; ties (often 0) go to the slice with more structure.
+    candidates.sort(key=lambda i: (-int(disagreement[i]), -int(foreground[i]), i))
+    return [SliceScore(i, axis, int(disagreement[i]), int(foreground[i])) for i in candidates[:n]]

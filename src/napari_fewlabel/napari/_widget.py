@@ -237,9 +237,8 @@ class FinetuneWidget(JobWidget):
         self.predict_button.clicked.connect(self.predict_with_selected_model)
         self.next_button = QPushButton("Label next")
         self.next_button.setToolTip(
-            "Show the unlabelled slice where the model's two streams disagree most, favouring "
-            "slices with a structure and far from those labelled: a label there teaches it the "
-            "most. Press again for the next one on the list."
+            "Show the unlabelled slice where the model's two streams disagree most: a label "
+            "there teaches it the most. Press again for the next one on the list."
         )
         self.next_button.clicked.connect(self.label_next)
         self.refine_button = QPushButton("Refine")
