@@ -327,15 +327,21 @@ def train_and_predict_ours(
         max_input_side=max_side,
         settings=settings_with(overrides),
     )
+    done, pred = run_and_predict(job, case.name)
+    summary = {k: done.summary[k] for k in ("train_seconds", "val_dice") if k in done.summary}
+    return pred, summary
+
+
+def run_and_predict(job: FinetuneJob, name: str) -> tuple[Done, np.ndarray]:
+    """Run a fine-tuning job to its end, then predict its scan with the model it wrote."""
     done = None
     for event in run(job):
         if isinstance(event, Done):
             done = event
     if done is None or done.checkpoint is None:
-        raise RuntimeError(f"fine-tuning on {case.name} ended without a checkpoint")
+        raise RuntimeError(f"fine-tuning on {name} ended without a checkpoint")
     model = load_checkpoint(done.checkpoint)
-    summary = {k: done.summary[k] for k in ("train_seconds", "val_dice") if k in done.summary}
-    return predict_volume(model, case.image, device=device), summary
+    return done, predict_volume(model, job.image, device=job.device)
 
 
 def run_method(

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-PROBE_MS = 10
 SLICES = (20, 44)
 
 
@@ -62,7 +61,8 @@ def headless(steps: int, out_dir: Path) -> float:
 
 def in_widget(steps: int, out_dir: Path, runner: str) -> dict[str, float]:
     import napari
-    from qtpy.QtCore import QElapsedTimer, QEventLoop, QTimer
+    from event_loop_probe import GapProbe
+    from qtpy.QtCore import QEventLoop
 
     from napari_fewlabel.jobs import finetune_and_predict
     from napari_fewlabel.napari._runner import ThreadRunner
@@ -80,19 +80,7 @@ def in_widget(steps: int, out_dir: Path, runner: str) -> dict[str, float]:
     widget.runner.job_event.connect(
         lambda e: progress_times.append(time.perf_counter()) if isinstance(e, Progress) else None
     )
-    clock = QElapsedTimer()
-    gaps: list[float] = []
-    last = [0.0]
-
-    def tick() -> None:
-        now = clock.nsecsElapsed() / 1e6
-        gaps.append(now - last[0] - PROBE_MS)
-        last[0] = now
-
-    probe = QTimer()
-    probe.setInterval(PROBE_MS)
-    probe.timeout.connect(tick)
-    clock.start()
+    probe = GapProbe()
     probe.start()
     # Wait the way napari's own event loop waits (blocked until something happens), not
     # by polling: a polling loop would take CPU from training on a 2-core machine.
@@ -102,12 +90,7 @@ def in_widget(steps: int, out_dir: Path, runner: str) -> dict[str, float]:
     loop.exec()
     probe.stop()
     viewer.close()
-    # The first ticks include the widget's own start-up; gaps while the job runs count.
-    return {
-        "steps_per_s": _steps_per_s(progress_times),
-        "longest_gap_ms": float(max(gaps[3:])),
-        "p99_gap_ms": float(np.percentile(gaps[3:], 99)),
-    }
+    return {"steps_per_s": _steps_per_s(progress_times), **probe.figures()}
 
 
 def main() -> None:

@@ -51,16 +51,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from annotation_efficiency import dice_on_unlabelled, evenly_spread
 from fewslice_cases import Case, load_case
+from fewslice_suite import run_and_predict
 from pretraining import _append
 
 from napari_fewlabel.data.classes import named_classes
-from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.infer.suggest import suggest_slices
 from napari_fewlabel.jobs import refine_steps
 from napari_fewlabel.models.checkpoint import load_checkpoint
 from napari_fewlabel.train.device import describe_device
-from napari_fewlabel.train.events import Done
-from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, run
+from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob
 
 STRATEGIES = ("suggest", "even", "random")
 DEFAULT_CASES = ("mni-deep-grey", "itk-head-brain", "brain-tumour", "lung-tumour")
@@ -124,13 +123,7 @@ def train(
         device=args.device,
         max_input_side=args.max_side,
     )
-    done = None
-    for event in run(job):
-        if isinstance(event, Done):
-            done = event
-    if done is None or done.checkpoint is None:
-        raise RuntimeError(f"training on {case.name} ended without a checkpoint")
-    pred = predict_volume(load_checkpoint(done.checkpoint), case.image, device=args.device)
+    done, pred = run_and_predict(job, case.name)
     return done.checkpoint, pred, time.perf_counter() - began
 
 

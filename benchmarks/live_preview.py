@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 
-PROBE_MS = 10
-
 
 def _case(case_file: Path | None) -> Any:
     from annotation_efficiency import CLASS_NAMES, mni_volume
@@ -50,7 +48,8 @@ def session(case: Any, seconds: float, preview_every_s: float) -> dict[str, Any]
     """One run in a fresh viewer; what the user saw in its first ``seconds``."""
     import napari
     from annotation_efficiency import evenly_spread
-    from qtpy.QtCore import QElapsedTimer, QEventLoop, QTimer
+    from event_loop_probe import GapProbe
+    from qtpy.QtCore import QEventLoop, QTimer
 
     from napari_fewlabel.data.classes import named_classes
     from napari_fewlabel.napari._layers import image_layer_data, labels_layer_data
@@ -73,15 +72,6 @@ def session(case: Any, seconds: float, preview_every_s: float) -> dict[str, Any]
     middle = (labelled[0] + labelled[1]) // 2
     viewer.dims.set_current_step(0, middle)
 
-    clock = QElapsedTimer()
-    gaps: list[float] = []
-    last = [0.0]
-
-    def tick() -> None:
-        now = clock.nsecsElapsed() / 1e6
-        gaps.append(now - last[0] - PROBE_MS)
-        last[0] = now
-
     seen: dict[str, Any] = {"previews": 0, "first_preview_s": None, "steps": 0}
     started = [0.0]
 
@@ -95,12 +85,9 @@ def session(case: Any, seconds: float, preview_every_s: float) -> dict[str, Any]
             seen["steps"] = event.step
 
     widget.runner.job_event.connect(on_event)
-    probe = QTimer()
-    probe.setInterval(PROBE_MS)
-    probe.timeout.connect(tick)
+    probe = GapProbe()
     loop = QEventLoop()
     QTimer.singleShot(int(seconds * 1000), loop.quit)
-    clock.start()
     probe.start()
     started[0] = time.perf_counter()
     if not widget.start():
@@ -119,8 +106,7 @@ def session(case: Any, seconds: float, preview_every_s: float) -> dict[str, Any]
         "previews": seen["previews"],
         "first_preview_s": seen["first_preview_s"],
         "first_preview_slice": seen.get("first_preview_slice"),
-        "longest_gap_ms": round(float(max(gaps[3:])), 1),
-        "p99_gap_ms": round(float(np.percentile(gaps[3:], 99)), 1),
+        **probe.figures(),
     }
 
 
