@@ -42,7 +42,14 @@ from nibabel.orientations import aff2axcodes
 
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io import MaskInfo, load_volume, looks_like_mask, read_mask_info, save_labels
+from napari_fewlabel.io import (
+    MaskInfo,
+    load_volume,
+    looks_like_mask,
+    read_mask_info,
+    read_scan_header,
+    save_labels,
+)
 
 EXIT_USER_ERROR = 2
 
@@ -53,33 +60,51 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
         "info",
         help="shape, spacing, orientation, intensity range and modality of a scan",
         description="Print what napari-fewlabel reads from a scan: NIfTI, NRRD, MetaImage, "
-        "InVesalius, or a DICOM series folder.",
+        "InVesalius, or a DICOM series folder. The voxels (intensity range, mask check) are "
+        "read only when they take at most 1 GB of memory; a larger scan is described from "
+        "its header.",
     )
     p.add_argument("path", help="a scan file or a DICOM series folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_info)
 
 
+#: `info` reads the voxels (intensity range, modality guess, mask check) only up to this
+#: much memory; a larger scan is described from its header alone, in a fraction of a second.
+_INFO_READ_BYTES = 10**9
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
-    volume = load_volume(args.path)
-    data = volume.array
-    finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
+    header = read_scan_header(args.path)  # refuses what the header shows is unreadable
+    shape, display_affine = header.display_geometry()
+    volume = load_volume(args.path) if header.read_bytes <= _INFO_READ_BYTES else None
+    intensity_range = None
+    if volume is not None:
+        data = volume.array
+        finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
+        if finite.size:
+            intensity_range = [float(finite.min()), float(finite.max())]
     info = {
         "path": str(args.path),
-        "format": volume.header.get("format", "?"),
-        "shape_zyx": list(volume.shape),
-        "spacing_mm_zyx": [round(s, 4) for s in volume.spacing_mm],
-        "file_orientation": "".join(aff2axcodes(volume.grid.affine)),
-        "display_orientation": "".join(aff2axcodes(volume.affine)),
-        "modality": volume.modality,
-        "dtype": str(data.dtype),
-        "intensity_range": [float(finite.min()), float(finite.max())] if finite.size else None,
-        "affine_ras": [[round(v, 4) for v in row] for row in volume.affine.tolist()],
+        "format": header.format,
+        "shape_zyx": list(shape),
+        "spacing_mm_zyx": [round(s, 4) for s in header.spacing_mm],
+        "file_orientation": "".join(aff2axcodes(header.affine)),
+        "display_orientation": "".join(aff2axcodes(display_affine)),
+        "modality": volume.modality if volume is not None else header.modality or "unknown",
+        "dtype": str(volume.array.dtype) if volume is not None else header.dtype,
+        "intensity_range": intensity_range,
+        "affine_ras": [[round(v, 4) for v in row] for row in display_affine.tolist()],
     }
+    if volume is None:
+        info["voxels"] = (
+            f"not read ({header.read_bytes / 1e9:.1f} GB to load; info reads up to "
+            f"{_INFO_READ_BYTES / 1e9:.0f} GB): header only"
+        )
     for key in ("SeriesDescription", "other_series", "files", "qform_code", "sform_code"):
-        if key in volume.header:
-            info[key] = volume.header[key]
-    if looks_like_mask(volume, args.path):
+        if key in header.details:
+            info[key] = header.details[key]
+    if volume is not None and looks_like_mask(volume, args.path):
         saved = read_mask_info(args.path) or MaskInfo()
         info["mask"] = True
         if saved.classes:

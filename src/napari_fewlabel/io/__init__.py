@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from napari_fewlabel.io.load import SUPPORTED, load_volume
+from napari_fewlabel.io.header import ScanHeader
+from napari_fewlabel.io.load import SUPPORTED, load_volume, read_scan_header
 from napari_fewlabel.io.mask_info import MaskInfo, looks_like_mask, read_mask_info
 from napari_fewlabel.io.save import save_image, save_labels, smallest_label_dtype
 from napari_fewlabel.io.volume import (
@@ -26,11 +27,13 @@ __all__ = [
     "FileGrid",
     "MaskInfo",
     "Modality",
+    "ScanHeader",
     "Volume",
     "guess_modality",
     "load_volume",
     "looks_like_mask",
     "read_mask_info",
+    "read_scan_header",
     "save_image",
     "save_labels",
     "smallest_label_dtype",

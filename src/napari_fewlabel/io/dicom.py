@@ -22,7 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.header import ScanHeader
 from napari_fewlabel.io.itk import file_array
+from napari_fewlabel.io.limits import check_volume_size
 from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume, guess_modality, parse_modality
 
 # A study folder can hold thousands of files; read headers of at most this many.
@@ -40,6 +42,9 @@ _TAGS = {
     "series_number": "0020|0011",
     "rows": "0028|0010",
     "columns": "0028|0011",
+    "samples_per_pixel": "0028|0002",
+    "bits_allocated": "0028|0100",
+    "pixel_representation": "0028|0103",
 }
 # Technical tags kept in Volume.header (no patient-identifying tags).
 _HEADER_TAGS = {
@@ -65,6 +70,9 @@ class _Slice:
     rows: int
     columns: int
     tags: dict[str, str]
+    samples_per_pixel: int = 1
+    bits_allocated: int = 16
+    pixel_signed: bool = False
 
     @property
     def normal(self) -> np.ndarray:
@@ -102,8 +110,68 @@ def folder_has_dicom(folder: Path, limit: int = 200) -> bool:
     return False
 
 
+def read_dicom_header(folder: Path) -> ScanHeader:
+    """The geometry of the largest DICOM series under ``folder``; no pixel data is decoded."""
+    series = _find_series(folder)
+    first = series.slices[0]
+    return ScanHeader(
+        path=str(folder),
+        format="DICOM",
+        file_shape=(first.columns, first.rows, len(series.slices)),
+        dtype=series.stored_dtype,
+        affine=RAS_FROM_LPS @ series.lps_affine,
+        read_bytes=series.read_bytes,
+        modality=parse_modality(first.tags.get("Modality")),
+        details=series.header(folder),
+    )
+
+
 def read_dicom_series(folder: Path) -> Volume:
     """Read the largest DICOM series under ``folder`` (searched recursively)."""
+    series = _find_series(folder)
+    chosen, first = series.slices, series.slices[0]
+    image = _read_pixels([s.path for s in chosen], folder)
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        raise FewLabelError(
+            f"The DICOM images in {folder} decoded to {image.GetNumberOfComponentsPerPixel()} "
+            "values per pixel: the series mixes colour and greyscale images; export the "
+            "greyscale series on its own."
+        )
+    data = file_array(image)  # (columns, rows, slices)
+    if data.dtype == np.int32 and data.size and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)  # GDCM widens rescaled CT to int32; halve the memory
+    if data.shape != (first.columns, first.rows, len(chosen)):
+        raise FewLabelError(
+            f"The DICOM images in {folder} decoded to shape {data.shape}, expected "
+            f"{(first.columns, first.rows, len(chosen))}: the series may mix image sizes."
+        )
+    modality = parse_modality(first.tags.get("Modality")) or guess_modality(data)
+    return Volume.from_file_array(
+        data, RAS_FROM_LPS @ series.lps_affine, modality=modality, header=series.header(folder)
+    )
+
+
+@dataclass(frozen=True)
+class _Series:
+    """The chosen series, sorted by position, with its geometry; pixels not read yet."""
+
+    slices: list[_Slice]
+    others: list[str]
+    lps_affine: np.ndarray  # (column, row, slice, 1) -> LPS+ mm
+    stored_dtype: str
+    read_bytes: int
+
+    def header(self, folder: Path) -> dict[str, Any]:
+        tags = self.slices[0].tags
+        header: dict[str, Any] = {"format": "DICOM", "path": str(folder), "files": len(self.slices)}
+        header.update({k: tags[k] for k in _HEADER_TAGS if tags.get(k)})
+        if self.others:
+            header["other_series"] = self.others
+        return header
+
+
+def _find_series(folder: Path) -> _Series:
+    """Group the headers under ``folder``, keep the largest series, check it can be stacked."""
     slices = [s for s in (_read_slice_header(p) for p in _walk_files(folder)) if s is not None]
     if not slices:
         raise FewLabelError(
@@ -116,6 +184,7 @@ def read_dicom_series(folder: Path) -> Volume:
     ranked = sorted(groups.values(), key=len, reverse=True)
     chosen = ranked[0]
     others = _describe_others(ranked[1:])
+    _check_same_pixel_format(chosen, folder)
 
     normal = chosen[0].normal
     chosen.sort(key=lambda s: float(np.dot(s.position, normal)))
@@ -123,28 +192,45 @@ def read_dicom_series(folder: Path) -> Volume:
     step = _uniform_step(positions, folder)
 
     first = chosen[0]
-    image = _read_pixels([s.path for s in chosen], folder)
-    data = file_array(image)  # (columns, rows, slices)
-    if data.dtype == np.int32 and data.size and data.min() >= -32768 and data.max() <= 32767:
-        data = data.astype(np.int16)  # GDCM widens rescaled CT to int32; halve the memory
-    if data.shape != (first.columns, first.rows, len(chosen)):
-        raise FewLabelError(
-            f"The DICOM images in {folder} decoded to shape {data.shape}, expected "
-            f"{(first.columns, first.rows, len(chosen))}: the series may mix image sizes."
-        )
+    # GDCM decodes to a 32-bit image (rescaled CT), copied to numpy, then narrowed to int16.
+    read_bytes = check_volume_size(
+        (first.columns, first.rows, len(chosen)), 4 + 4 + 2, folder.name or str(folder)
+    )
     row_mm, col_mm = first.pixel_spacing
     lps = np.eye(4)
     lps[:3, 0] = first.row_cosines * col_mm  # i: along a row (increasing column)
     lps[:3, 1] = first.col_cosines * row_mm  # j: down a column (increasing row)
     lps[:3, 2] = normal * step  # k: sorted slices
     lps[:3, 3] = first.position
+    stored = "int16" if first.pixel_signed else "uint16"
+    if first.bits_allocated <= 8:
+        stored = "int8" if first.pixel_signed else "uint8"
+    elif first.bits_allocated > 16:
+        stored = "int32" if first.pixel_signed else "uint32"
+    return _Series(chosen, others, lps, stored, read_bytes)
 
-    header: dict[str, Any] = {"format": "DICOM", "path": str(folder), "files": len(chosen)}
-    header.update({k: first.tags[k] for k in _HEADER_TAGS if first.tags.get(k)})
-    if others:
-        header["other_series"] = others
-    modality = parse_modality(first.tags.get("Modality")) or guess_modality(data)
-    return Volume.from_file_array(data, RAS_FROM_LPS @ lps, modality=modality, header=header)
+
+def _check_same_pixel_format(slices: list[_Slice], folder: Path) -> None:
+    """Refuse a series whose images differ in colour or bit depth: GDCM would mis-stack them."""
+    for attribute, what in (("samples_per_pixel", "values per pixel"),
+                            ("bits_allocated", "bits per pixel")):  # fmt: skip
+        values = [getattr(s, attribute) for s in slices]
+        usual = max(set(values), key=values.count)
+        odd = [s for s in slices if getattr(s, attribute) != usual]
+        if odd:
+            example = odd[0]
+            others = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+            raise FewLabelError(
+                f"{Path(example.path).name}{others} in {folder} has "
+                f"{getattr(example, attribute)} {what} where the other images of its series "
+                f"have {usual} (a colour screenshot or secondary capture?): move it out of the "
+                "folder, or export the series again."
+            )
+    if slices[0].samples_per_pixel != 1:
+        raise FewLabelError(
+            f"The series in {folder} holds colour images ({slices[0].samples_per_pixel} values "
+            "per pixel), not a greyscale CT or MR scan: choose the folder of a CT or MR series."
+        )
 
 
 def _walk_files(folder: Path):  # -> Iterator[Path]
@@ -183,6 +269,8 @@ def _read_slice_header(path: Path) -> _Slice | None:
         rows, columns = int(tag("rows")), int(tag("columns"))
     except ValueError:
         return None  # no usable geometry (a report, a secondary capture)
+    if rows <= 0 or columns <= 0:
+        return None
     row_cos, col_cos = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row_cos) - 1) > 0.01 or abs(np.linalg.norm(col_cos) - 1) > 0.01:
         return None
@@ -200,7 +288,17 @@ def _read_slice_header(path: Path) -> _Slice | None:
         rows=rows,
         columns=columns,
         tags=tags,
+        samples_per_pixel=_int_tag(tag("samples_per_pixel"), 1),
+        bits_allocated=_int_tag(tag("bits_allocated"), 16),
+        pixel_signed=_int_tag(tag("pixel_representation"), 0) == 1,
     )
+
+
+def _int_tag(text: str, default: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
 
 
 def _floats(text: str, n: int) -> np.ndarray:
@@ -240,11 +338,14 @@ def _read_pixels(files: list[str], folder: Path) -> sitk.Image:
     reader.SetFileNames(files)
     try:
         return reader.Execute()
-    except RuntimeError as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # GDCM raises RuntimeError for anything it cannot decode
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise FewLabelError(
-            f"Could not decode the DICOM pixel data in {folder} "
-            f"({str(exc).strip().splitlines()[-1][:200]}): the files may be truncated or "
-            "use an unsupported compression; export the series uncompressed."
+            f"Could not decode the DICOM pixel data in {folder} ({lines[-1][:200]}): the "
+            "files may be truncated or use an unsupported compression; export the series "
+            "uncompressed."
         ) from exc
 
 

@@ -14,12 +14,20 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel import Nifti1Image, Nifti2Image
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.openers import ImageOpener
+from nibabel.volumeutils import apply_read_scaling
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.atomic import atomic_path
+from napari_fewlabel.io.header import ScanHeader
+from napari_fewlabel.io.limits import check_volume_size
 from napari_fewlabel.io.volume import Volume, guess_modality
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Voxel data is decompressed this much at a time (a temporary copy of this size).
+_CHUNK_BYTES = 64 * 2**20
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -27,30 +35,35 @@ def is_nifti_path(path: str | Path) -> bool:
     return name.endswith(NIFTI_SUFFIXES)
 
 
+def read_nifti_header(path: Path) -> ScanHeader:
+    """The header of a 3D NIfTI file; no voxel is read."""
+    img, shape, read_bytes = _open(path)
+    header = img.header
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    return ScanHeader(
+        path=str(path),
+        format="NIfTI",
+        file_shape=shape,
+        dtype=str(header.get_data_dtype()),
+        affine=np.asarray(img.affine, dtype=np.float64),
+        read_bytes=read_bytes,
+        details={"qform_code": qform_code, "sform_code": sform_code},
+    )
+
+
 def read_nifti(path: Path) -> Volume:
     """Read a 3D NIfTI file into a display-orientation :class:`Volume`."""
+    img, shape, _ = _open(path)
+    header = img.header
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-            raise FewLabelError(f"{path.name} is not a NIfTI image.")
-        data = np.asanyarray(img.dataobj)
-        header = img.header
+        data = _read_voxels(path, _proxy(img)).reshape(shape, order="F")
         qform = header.get_qform(coded=True)
         sform = header.get_sform(coded=True)
         affine = img.affine
-    except FewLabelError:
+    except (FewLabelError, MemoryError):
         raise
     except Exception as exc:  # untrusted bytes: any parser failure is the file's fault
-        raise FewLabelError(
-            f"Could not read {path.name} as NIfTI ({type(exc).__name__}: {exc}). The file "
-            "may be truncated or not NIfTI: export it again from the scanner or viewer."
-        ) from exc
-    data = _squeeze_to_3d(data, path.name)
-    if np.iscomplexobj(data) or data.dtype.fields is not None:
-        raise FewLabelError(
-            f"{path.name} holds {data.dtype} voxels (complex or RGB): open a scalar "
-            "(greyscale) 3D scan."
-        )
+        raise _unreadable(path, exc) from exc
     info: dict[str, Any] = {
         "format": "NIfTI",
         "path": str(path),
@@ -66,6 +79,110 @@ def read_nifti(path: Path) -> Volume:
         header=info,
         qform=(qform[0], int(qform[1])),
         sform=(sform[0], int(sform[1])),
+    )
+
+
+def _open(path: Path) -> tuple[Nifti1Image | Nifti2Image, tuple[int, int, int], int]:
+    """The image with its header only, its 3D shape, and the bytes reading it needs.
+
+    Everything that can be told from the header is refused here, before a voxel is read.
+    """
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, Nifti1Image | Nifti2Image):
+            raise FewLabelError(f"{path.name} is not a NIfTI image.")
+        header = img.header
+        full_shape = tuple(int(n) for n in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+        slope, inter = float(_proxy(img).slope), float(_proxy(img).inter)
+    except FewLabelError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
+    if full_shape and min(full_shape) == 0:
+        raise FewLabelError(
+            f"{path.name} has a dimension of size 0 (shape {full_shape}), so it holds no "
+            "voxels: export the scan again."
+        )
+    shape = _squeeze_to_3d(full_shape, path.name)
+    offset, header_size = _proxy(img).offset, int(header.sizeof_hdr)
+    if offset < header_size:
+        raise FewLabelError(
+            f"{path.name} says its voxels start at byte {offset} (vox_offset {offset} lies "
+            f"inside its {header_size}-byte header): the header is damaged; export the scan "
+            "again."
+        )
+    if dtype.kind == "c" or dtype.fields is not None:
+        raise FewLabelError(
+            f"{path.name} holds {dtype} voxels (complex or RGB): open a scalar (greyscale) 3D scan."
+        )
+    scaled = (slope, inter) != (1.0, 0.0)
+    # The stored array, plus the floating-point copy that scaling makes (float64 at most).
+    per_voxel = dtype.itemsize + (8 if scaled else 0)
+    read_bytes = check_volume_size(full_shape, per_voxel, path.name, dtype=str(dtype))
+    return img, shape, read_bytes
+
+
+def _read_voxels(path: Path, stored: ArrayProxy) -> np.ndarray:
+    """The scaled voxels, read into one preallocated array.
+
+    nibabel reads a ``.nii.gz`` through ``GzipFile.readinto``, which decodes the
+    whole payload into a temporary ``bytes`` first: twice the volume's memory.
+    Reading in chunks keeps the peak at the array itself, and lets us see a gzip
+    stream that goes on past the declared voxels (a decompression bomb behind a
+    small header, or a header that does not describe its data).
+    """
+    raw = np.empty(stored.shape, dtype=stored.dtype, order="F")
+    buffer = raw.reshape(-1, order="A").view(np.uint8).data  # a view: no copy
+    with ImageOpener(str(path)) as fileobj:
+        fileobj.seek(stored.offset)
+        filled = 0
+        while filled < len(buffer):
+            n = fileobj.readinto(buffer[filled : filled + _CHUNK_BYTES])
+            if not n:
+                break
+            filled += n
+        extra = fileobj.read(1) if _is_gzip(path) else b""
+    if filled < len(buffer):
+        raise FewLabelError(
+            f"{path.name} holds {filled} bytes of voxel data where its header declares "
+            f"{len(buffer)} ({_describe(stored)}): the file is truncated; copy or export it "
+            "again."
+        )
+    if extra:
+        raise FewLabelError(
+            f"{path.name} holds more voxel data than its header declares ({_describe(stored)}): "
+            "the header does not describe this data (a damaged or forged file); export the "
+            "scan again."
+        )
+    # As nibabel's ArrayProxy does: scale factors in their own type, scaled data upcast.
+    slope, inter = np.asanyarray(stored.slope), np.asanyarray(stored.inter)
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    return apply_read_scaling(raw, slope, inter)
+
+
+def _is_gzip(path: Path) -> bool:
+    return str(path).lower().endswith(".gz")
+
+
+def _describe(stored: ArrayProxy) -> str:
+    return f"{' x '.join(str(n) for n in stored.shape)} {stored.dtype.name}"
+
+
+def _proxy(img: Nifti1Image | Nifti2Image) -> ArrayProxy:
+    """The lazy array nib.load made: the voxels' shape, type, offset and scaling."""
+    proxy = img.dataobj
+    assert isinstance(proxy, ArrayProxy)  # nib.load of a file always makes one
+    return proxy
+
+
+def _unreadable(path: Path, exc: Exception) -> FewLabelError:
+    return FewLabelError(
+        f"Could not read {path.name} as NIfTI ({type(exc).__name__}: {str(exc)[:200]}). The "
+        "file may be truncated or not NIfTI: export it again from the scanner or viewer."
     )
 
 
@@ -95,20 +212,20 @@ def write_nifti(
         nib.save(img, str(tmp))
 
 
-def _squeeze_to_3d(data: np.ndarray, name: str) -> np.ndarray:
+def _squeeze_to_3d(shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
     # A trailing singleton time/channel axis is common in 3D exports; drop it.
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 4:
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4:
         raise FewLabelError(
-            f"{name} is 4D (shape {data.shape}: {data.shape[3]} time points or channels). "
+            f"{name} is 4D (shape {shape}: {shape[3]} time points or channels). "
             "Extract one 3D volume first (e.g. `fslroi` or nibabel's `image.slicer`)."
         )
-    if data.ndim != 3:
+    if len(shape) != 3:
         raise FewLabelError(
-            f"{name} has {data.ndim} dimensions (shape {data.shape}); a 3D scan is needed."
+            f"{name} has {len(shape)} dimensions (shape {shape}); a 3D scan is needed."
         )
-    return data
+    return (shape[0], shape[1], shape[2])
 
 
 def _text(value: Any) -> str:

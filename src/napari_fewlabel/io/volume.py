@@ -264,29 +264,8 @@ class Volume:
                 f"(shape {file_array.shape}): open a single 3D scan, or split a "
                 "4D series into 3D volumes first."
             )
-        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-            raise FewLabelError(
-                "The file's voxel-to-world transform is missing or not finite: "
-                "fix the header (spacing, origin, direction) in the scanner export."
-            )
-        columns = affine[:3, :3] / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-300)
-        if (
-            abs(np.linalg.det(columns)) < 1e-6
-            or np.linalg.norm(affine[:3, :3], axis=0).min() < 1e-6
-        ):
-            raise FewLabelError(
-                "The file's voxel-to-world transform is singular (a zero voxel size, or two "
-                "axes pointing the same way): fix the spacing and direction in the file header."
-            )
-        file_ornt = nio.io_orientation(affine)
-        if np.isnan(file_ornt).any():
-            raise FewLabelError(
-                "The file's voxel axes do not map onto distinct world axes: fix the "
-                "direction (orientation) in the file header."
-            )
-        to_display = nio.ornt_transform(file_ornt, _DISPLAY_ORNT)
+        to_display, display_affine = display_transform(file_array.shape, affine)
         array = nio.apply_orientation(file_array, to_display)
-        display_affine = affine @ nio.inv_ornt_aff(to_display, file_array.shape)
         q_aff, q_code = qform if qform is not None else (affine, 1)
         s_aff, s_code = sform if sform is not None else (affine, 1)
         grid = FileGrid(
@@ -300,7 +279,7 @@ class Volume:
         )
         return cls(
             array=array,
-            spacing_mm=_spacing_from_affine(display_affine),
+            spacing_mm=spacing_from_affine(display_affine),
             affine=display_affine,
             modality=modality,
             grid=grid,
@@ -343,6 +322,42 @@ class Volume:
         )
 
 
+def display_transform(
+    file_shape: tuple[int, ...], affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """How a file grid of ``file_shape`` (i, j, k) with ``affine`` maps onto the display.
+
+    Returns the nibabel orientation transform from the file grid to the display
+    array and the display affine (``(z, y, x, 1)`` -> RAS+ mm). Needs only the
+    header, so ``fewlabel info`` can report the geometry without the voxels.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise FewLabelError(
+            "The file's voxel-to-world transform is missing or not finite: "
+            "fix the header (spacing, origin, direction) in the scanner export."
+        )
+    columns = affine[:3, :3] / np.maximum(np.linalg.norm(affine[:3, :3], axis=0), 1e-300)
+    if abs(np.linalg.det(columns)) < 1e-6 or np.linalg.norm(affine[:3, :3], axis=0).min() < 1e-6:
+        raise FewLabelError(
+            "The file's voxel-to-world transform is singular (a zero voxel size, or two "
+            "axes pointing the same way): fix the spacing and direction in the file header."
+        )
+    file_ornt = nio.io_orientation(affine)
+    if np.isnan(file_ornt).any():
+        raise FewLabelError(
+            "The file's voxel axes do not map onto distinct world axes: fix the "
+            "direction (orientation) in the file header."
+        )
+    to_display = nio.ornt_transform(file_ornt, _DISPLAY_ORNT)
+    return to_display, affine @ nio.inv_ornt_aff(to_display, tuple(file_shape))
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along each axis of an index -> world affine."""
+    return _triple(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
 def _file_ornt(to_display: np.ndarray) -> np.ndarray:
     """The file grid's own orientation, given its transform to the display."""
     # to_display = ornt_transform(file_ornt, display_ornt); invert it.
@@ -351,10 +366,6 @@ def _file_ornt(to_display: np.ndarray) -> np.ndarray:
         d_axis, d_flip = _DISPLAY_ORNT[int(display_axis)]
         file_ornt[file_axis] = (d_axis, d_flip * flip)
     return file_ornt
-
-
-def _spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
-    return _triple(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
 
 
 def _triple(values: Any) -> tuple[float, float, float]:
