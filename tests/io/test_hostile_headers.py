@@ -342,3 +342,35 @@ def test_dicom_series_with_a_colour_slice(tmp_path):
     for read in (load_volume, read_scan_header):
         with pytest.raises(FewLabelError, match=f"{odd.name} in .* has 3 values per pixel"):
             read(series.folder)
+
+
+def test_dicom_tags_in_latin_1_are_printable(tmp_path, capsys):
+    """ISO_IR 100 text is not UTF-8: `fewlabel info` printed surrogates and crashed."""
+    import pydicom
+
+    series = write_ct_series(
+        tmp_path / "s", np.zeros((3, 8, 8), np.int16), first_position=np.zeros(3),
+        pixel_spacing=(1.0, 1.0), slice_step_mm=2.0,
+    )  # fmt: skip
+    for path in series.folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds["SeriesDescription"].value = "Thorax ñ".encode("latin-1")
+        ds.save_as(path)
+    assert load_volume(series.folder).header["SeriesDescription"] == "Thorax ñ"
+    assert main(["info", str(series.folder)]) == 0
+    assert "Thorax ñ" in capsys.readouterr().out
+
+
+def test_nifti_declaring_gigabytes_of_header_extensions(tmp_path):
+    """nib.load reads extensions whole: a forged vox_offset must not make it read 2 GB."""
+    data = bytearray(_nifti_bytes((4, 5, 6), np.int16, VOXELS_456))
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(data)))
+    header["vox_offset"] = 2e9
+    data[:348] = header.binaryblock
+    data[348:352] = b"\x01\x00\x00\x00"  # "extensions follow"
+    data += np.array([2_000_000_000, 6], "<i4").tobytes()  # one 2 GB comment extension
+    path = tmp_path / "x.nii.gz"
+    path.write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(FewLabelError, match="2000 MB of header extensions"):
+        load_volume(path)

@@ -260,7 +260,7 @@ def _read_slice_header(path: Path) -> _Slice | None:
 
     def tag(key: str) -> str:
         t = _TAGS[key]
-        return reader.GetMetaData(t).strip(" \x00") if reader.HasMetaDataKey(t) else ""
+        return _text(reader.GetMetaData(t)) if reader.HasMetaDataKey(t) else ""
 
     try:
         position = _floats(tag("position"), 3)
@@ -277,7 +277,7 @@ def _read_slice_header(path: Path) -> _Slice | None:
     tags = {}
     for name, key in _HEADER_TAGS.items():
         if reader.HasMetaDataKey(key):
-            tags[name] = reader.GetMetaData(key).strip(" \x00")
+            tags[name] = _text(reader.GetMetaData(key))
     return _Slice(
         path=str(path),
         series_uid=tag("series_uid"),
@@ -292,6 +292,17 @@ def _read_slice_header(path: Path) -> _Slice | None:
         bits_allocated=_int_tag(tag("bits_allocated"), 16),
         pixel_signed=_int_tag(tag("pixel_representation"), 0) == 1,
     )
+
+
+def _text(value: str) -> str:
+    """A tag's text; SimpleITK hands non-UTF-8 bytes over as surrogates, which cannot be
+    printed. They are most often ISO_IR 100 (Latin-1), so decode them as that."""
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return text.strip(" \x00")
 
 
 def _int_tag(text: str, default: int) -> int:

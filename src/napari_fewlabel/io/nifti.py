@@ -14,7 +14,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel import Nifti1Image, Nifti2Image
+from nibabel import Nifti1Header, Nifti1Image, Nifti2Header, Nifti2Image
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.openers import ImageOpener
 from nibabel.volumeutils import apply_read_scaling
@@ -28,6 +28,8 @@ from napari_fewlabel.io.volume import Volume, guess_modality
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Voxel data is decompressed this much at a time (a temporary copy of this size).
 _CHUNK_BYTES = 64 * 2**20
+# Header extensions (text, JSON, CIFTI XML) larger than this are not a scan's.
+_MAX_EXTENSION_BYTES = 256 * 2**20
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -88,6 +90,7 @@ def _open(path: Path) -> tuple[Nifti1Image | Nifti2Image, tuple[int, int, int], 
     Everything that can be told from the header is refused here, before a voxel is read.
     """
     try:
+        _check_extensions_size(path)
         img = nib.load(str(path))
         if not isinstance(img, Nifti1Image | Nifti2Image):
             raise FewLabelError(f"{path.name} is not a NIfTI image.")
@@ -170,6 +173,28 @@ def _is_gzip(path: Path) -> bool:
 
 def _describe(stored: ArrayProxy) -> str:
     return f"{' x '.join(str(n) for n in stored.shape)} {stored.dtype.name}"
+
+
+def _check_extensions_size(path: Path) -> None:
+    """Refuse a header whose extensions (read whole by nib.load) would be a bomb of their own.
+
+    The extensions fill the bytes between the header and ``vox_offset``, which
+    a forged header can put gigabytes away; ours (classes, marks) take a few KB.
+    """
+    with ImageOpener(str(path)) as fileobj:
+        raw = fileobj.read(Nifti2Header.sizeof_hdr)
+    for klass in (Nifti1Header, Nifti2Header):
+        if klass.may_contain_header(raw):
+            header = klass(raw[: klass.sizeof_hdr], check=False)
+            extensions = float(header["vox_offset"]) - klass.sizeof_hdr
+            if extensions > _MAX_EXTENSION_BYTES:
+                raise FewLabelError(
+                    f"{path.name} declares {extensions / 1e6:.0f} MB of header extensions "
+                    f"before its voxels (vox_offset {float(header['vox_offset']):.0f}), more "
+                    f"than the {_MAX_EXTENSION_BYTES / 1e6:.0f} MB this reader accepts: the "
+                    "header is damaged or forged; export the scan again."
+                )
+            return
 
 
 def _proxy(img: Nifti1Image | Nifti2Image) -> ArrayProxy:
