@@ -289,6 +289,12 @@ class ProcessRunner(_Runner):
         if timeout_s <= 0:
             self._reader.join(0.0)
             self._process.join(0.0)
+            if self._process.exitcode is None:
+                # Still tearing torch down: reap it when it exits, or it stays a zombie
+                # until the next Start.
+                threading.Thread(
+                    target=self._process.join, name="fewlabel-reaper", daemon=True
+                ).start()
             return
         # Wait on the reader first: it keeps draining the pipe so the child can finish
         # sending (a prediction can be larger than the pipe's buffer) and exit.
