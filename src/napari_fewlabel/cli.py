@@ -52,6 +52,26 @@ from napari_fewlabel.io import (
 )
 
 EXIT_USER_ERROR = 2
+#: What `predict` may write a mask as.
+_MASK_SUFFIXES = (".nii.gz", ".nii")
+_MODEL_SUFFIXES = (".safetensors",)
+
+
+# Each command checks its paths first, before it imports torch (seconds) or reads a scan
+# (minutes): a typo is reported at once, not after the work it would have wasted.
+def _check_inputs_exist(*paths: Path | str | None) -> None:
+    """Refuse an input path that names nothing (the readers say the same, but later)."""
+    for path in paths:
+        if path is not None and not Path(path).expanduser().exists():
+            raise FewLabelError(f"No file or folder at {path}: check the path.")
+
+
+def _check_model(name_or_path: str | Path | None) -> None:
+    """Refuse a --model (name or path) that names no model; `random` and None pass."""
+    from napari_fewlabel.models.registry import resolve_model  # no torch
+
+    if name_or_path is not None and str(name_or_path) != "random":
+        resolve_model(name_or_path)
 
 
 # ---------------------------------------------------------------------- info
@@ -146,6 +166,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from napari_fewlabel.io.atomic import check_output_file, check_output_folder
+
+    if args.screenshot is not None:
+        check_output_file(args.screenshot, (".png",), option="--screenshot")
+    if args.headless:
+        check_output_folder(args.out)
     if not args.headless:
         from napari_fewlabel.napari._demo import run_demo
 
@@ -238,6 +264,15 @@ def _add_emphysema(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_emphysema(args: argparse.Namespace) -> int:
+    from napari_fewlabel.io.atomic import atomic_path, check_output_folder
+
+    out = check_output_folder(args.out)
+    _check_inputs_exist(
+        args.ct, args.subtype_labels, *(p for pair in args.extra_subtype_labels for p in pair)
+    )
+    _check_model(args.subtype_model)
+    _check_model(args.encoder)
+
     from napari_fewlabel.data.classes import EMPHYSEMA_SUBTYPES
     from napari_fewlabel.infer.emphysema import (
         REGIONS,
@@ -245,11 +280,7 @@ def _cmd_emphysema(args: argparse.Namespace) -> int:
         quantify_emphysema,
     )
     from napari_fewlabel.infer.lungs import LUNG_CLASSES
-    from napari_fewlabel.io.atomic import atomic_path
 
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise FewLabelError(f"{out} is a file: give --out a folder for the results.")
     if (args.encoder or args.extra_subtype_labels) and not args.subtype_labels:
         raise FewLabelError(
             "--encoder and --extra-subtype-labels go with subtype training: give "
@@ -466,6 +497,18 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from napari_fewlabel.io.atomic import check_output_file
+
+    check_output_file(args.out, _MODEL_SUFFIXES)
+    _check_inputs_exist(
+        args.image,
+        args.labels,
+        *args.extra_unlabelled,
+        *(p for pair in args.extra_labelled for p in pair),
+    )
+    _check_model(args.model)
+    _check_model(args.resume)
+
     from napari_fewlabel.data.classes import SegmentationClass, named_classes
     from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, FinetuneSettings, run
 
@@ -681,6 +724,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from napari_fewlabel.io.atomic import check_output_file
+
+    check_output_file(args.out, _MODEL_SUFFIXES)
+    _check_inputs_exist(*args.data)  # --resume: the job finds the state file that goes with it
+    if args.method != "drasclr":  # where --init is refused with its own sentence below
+        _check_model(args.init)
     if args.method == "drasclr":
         if args.init is not None:
             raise FewLabelError("--init is for --method ideal or medmoco, not drasclr.")
@@ -859,6 +908,12 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    from napari_fewlabel.io.atomic import check_output_file
+
+    check_output_file(args.out, _MODEL_SUFFIXES)
+    _check_model(args.source_model)
+    _check_inputs_exist(*args.target, *args.source)
+    _check_model(args.resume)
 
     from napari_fewlabel.train.adapt import DEFAULT_STEPS, AdaptJob, AdaptSettings, run
 
@@ -924,11 +979,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from napari_fewlabel.infer.predict import predict_volume
-    from napari_fewlabel.models.checkpoint import load_checkpoint
+    from napari_fewlabel.io.atomic import check_output_file
     from napari_fewlabel.models.registry import resolve_model
 
-    model = load_checkpoint(resolve_model(args.model))
+    check_output_file(args.out, _MASK_SUFFIXES)
+    model_path = resolve_model(args.model)
+    _check_inputs_exist(args.image)
+
+    from napari_fewlabel.infer.predict import predict_volume  # imports torch
+    from napari_fewlabel.models.checkpoint import load_checkpoint
+
+    model = load_checkpoint(model_path)
     image = load_volume(args.image)
     start = time.perf_counter()
     labels = predict_volume(
@@ -975,11 +1036,15 @@ def _add_suggest(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_suggest(args: argparse.Namespace) -> int:
-    from napari_fewlabel.infer.suggest import suggest_slices
-    from napari_fewlabel.models.checkpoint import load_checkpoint
     from napari_fewlabel.models.registry import resolve_model
 
-    model = load_checkpoint(resolve_model(args.model))
+    model_path = resolve_model(args.model)
+    _check_inputs_exist(args.image, args.labels)
+
+    from napari_fewlabel.infer.suggest import suggest_slices  # imports torch
+    from napari_fewlabel.models.checkpoint import load_checkpoint
+
+    model = load_checkpoint(model_path)
     image = load_volume(args.image)
     axis = model.card.slice_axis if args.axis is None else args.axis
     exclude: set[int] = set()
@@ -1020,9 +1085,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from napari_fewlabel.infer.metrics import class_metrics
-    from napari_fewlabel.models.checkpoint import read_card
+    from napari_fewlabel.io.atomic import atomic_path, check_output_file
+    from napari_fewlabel.models.card import read_card
     from napari_fewlabel.models.registry import resolve_model
+
+    if args.json is not None:
+        check_output_file(args.json, (".json",), option="--json")
+    _check_inputs_exist(args.pred, args.truth)
+    names: list[str] | None = None
+    if args.classes:
+        names = [n.strip() for n in args.classes.split(",")]
+    elif args.model:
+        names = list(read_card(resolve_model(args.model)).class_names)
+
+    from napari_fewlabel.infer.metrics import class_metrics
 
     pred = load_volume(args.pred)
     truth = load_volume(args.truth)
@@ -1032,11 +1108,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"{pred.shape} vs {truth.shape} or different voxel-to-world transforms): "
             "compare masks of the same scan."
         )
-    names: list[str] | None = None
-    if args.classes:
-        names = [n.strip() for n in args.classes.split(",")]
-    elif args.model:
-        names = list(read_card(resolve_model(args.model)).class_names)
     results = class_metrics(
         _as_labels(pred.array, args.pred.name),
         _as_labels(truth.array, args.truth.name),
@@ -1073,7 +1144,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 for r in results
             ],
         }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -1106,7 +1178,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from napari_fewlabel.models.checkpoint import is_encoder_only, read_card
+    from napari_fewlabel.models.card import is_encoder_only, read_card
     from napari_fewlabel.models.registry import DEFAULT_ENCODER, list_models, user_model_dir
 
     print(f"your model folder: {user_model_dir()}")

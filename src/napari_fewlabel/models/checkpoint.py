@@ -5,7 +5,10 @@ optimizer's moments under ``optimizer.*`` (to resume training), and in the
 safetensors metadata (string to string) the :class:`ModelCard` as JSON under
 :data:`CARD_KEY`. Loading never unpickles anything: PyTorch ``.pt``/``.pth``
 files (zip or raw pickle) are recognised by their first bytes and refused with
-a message saying how to convert them.
+a message saying how to convert them. The card and the file's header are read
+and checked in plain Python (:mod:`napari_fewlabel.models.card`): a damaged
+file, a card asking for an absurd network, or tensors that do not fit the
+card are refused with the file's name before any weights are read.
 
 A pretrained *encoder* (what ``fewlabel pretrain`` writes and what ships in
 ``models/weights/``) is a checkpoint with only the ``model.encoder.*``
@@ -23,128 +26,48 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from napari_fewlabel import __version__
-from napari_fewlabel.data.classes import SegmentationClass, check_classes
-from napari_fewlabel.data.normalization import NormalizationConfig
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.io.atomic import atomic_path
-from napari_fewlabel.io.volume import Modality
+from napari_fewlabel.io.atomic import (
+    atomic_path,
+    check_output_file,
+    remove_stale_temp_files,
+    write_failed,
+)
+
+# The card, its header and the state-file names live in models/card.py (no torch); they
+# are re-exported here, where callers have always imported them from.
+from napari_fewlabel.models.card import (  # noqa: F401
+    CARD_FORMAT_VERSION,
+    CARD_KEY,
+    ENCODER_ONLY_KEY,
+    OPTIMIZER_KEY,
+    STATE_SUFFIX,
+    ModelCard,
+    SafetensorsHeader,
+    check_not_pickle,
+    is_encoder_only,
+    read_card,
+    read_safetensors_header,
+    state_path,
+)
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
 
-#: safetensors metadata key of the JSON model card.
-CARD_KEY = "napari_fewlabel.card"
-#: safetensors metadata key of the optimizer's hyper-parameters (JSON), when saved.
-OPTIMIZER_KEY = "napari_fewlabel.optimizer"
-CARD_FORMAT_VERSION = 1
-#: key in a card's ``architecture`` marking a checkpoint that holds only an encoder.
-ENCODER_ONLY_KEY = "encoder_only"
+#: A network with more parameters than this is refused before it is built (the default
+#: network has about 2 million; 100 million float32 parameters are 400 MB).
+MAX_PARAMETERS = 100_000_000
 
 _MODEL_PREFIX = "model."
 _OPTIMIZER_PREFIX = "optimizer."
-
-
-def _json_normalised(value: Any) -> Any:
-    """``value`` as it comes back from JSON (tuples become lists), so cards compare equal."""
-    return json.loads(json.dumps(value))
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What a model is, what it expects and how it was made.
-
-    Attributes
-    ----------
-    architecture : mapping
-        Network config, with ``"name"`` (e.g. :meth:`UNetConfig.to_dict`).
-    classes : tuple of SegmentationClass
-        Label values with names and colours (0 = background).
-    modality : {"CT", "MR", "unknown"}
-        Modality of the training images.
-    normalization : NormalizationConfig
-        Intensity normalisation the network expects.
-    input_size : tuple of int
-        ``(H, W)`` the network was trained on; slices are fitted to it.
-    slice_axis : int
-        Axis of the ``(z, y, x)`` display array the network segments slices along.
-    training : mapping
-        How it was trained: method, settings, data, steps, validation Dice.
-    inference : mapping
-        Prediction defaults, e.g. ``{"test_time_flips": false}``.
-    package_version : str
-        napari-fewlabel version that wrote the card.
-    format_version : int
-        Version of this card layout.
-    """
-
-    architecture: Mapping[str, Any]
-    classes: tuple[SegmentationClass, ...]
-    modality: Modality
-    normalization: NormalizationConfig
-    input_size: tuple[int, int]
-    slice_axis: int = 0
-    training: Mapping[str, Any] = field(default_factory=dict)
-    inference: Mapping[str, Any] = field(default_factory=dict)
-    package_version: str = __version__
-    format_version: int = CARD_FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        check_classes(self.classes)
-        object.__setattr__(self, "architecture", _json_normalised(dict(self.architecture)))
-        object.__setattr__(self, "training", _json_normalised(dict(self.training)))
-        object.__setattr__(self, "inference", _json_normalised(dict(self.inference)))
-        object.__setattr__(self, "input_size", (int(self.input_size[0]), int(self.input_size[1])))
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.classes)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format_version": self.format_version,
-                "package_version": self.package_version,
-                "architecture": self.architecture,
-                "classes": [c.to_dict() for c in self.classes],
-                "modality": self.modality,
-                "normalization": self.normalization.to_dict(),
-                "input_size": list(self.input_size),
-                "slice_axis": self.slice_axis,
-                "training": self.training,
-                "inference": self.inference,
-            },
-            indent=1,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        d = json.loads(text)
-        if int(d.get("format_version", 0)) > CARD_FORMAT_VERSION:
-            raise FewLabelError(
-                f"This model card has format {d['format_version']}, newer than this "
-                f"napari-fewlabel ({__version__}) reads: update napari-fewlabel."
-            )
-        return cls(
-            architecture=d["architecture"],
-            classes=tuple(SegmentationClass.from_dict(c) for c in d["classes"]),
-            modality=d["modality"],
-            normalization=NormalizationConfig.from_dict(d["normalization"]),
-            input_size=(int(d["input_size"][0]), int(d["input_size"][1])),
-            slice_axis=int(d.get("slice_axis", 0)),
-            training=d.get("training", {}),
-            inference=d.get("inference", {}),
-            package_version=str(d.get("package_version", "unknown")),
-            format_version=int(d.get("format_version", CARD_FORMAT_VERSION)),
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,38 +79,45 @@ class SegmentationModel:
 
 
 def build_network(card: ModelCard) -> TwoStreamUNet:
-    """An untrained network with the card's architecture (classes from the card)."""
+    """An untrained network with the card's architecture (classes from the card).
+
+    The architecture is checked first (:class:`UNetConfig` bounds, classes,
+    size), so a damaged or hostile card is refused before memory is allocated.
+    """
+    return TwoStreamUNet(_checked_config(card))
+
+
+def _checked_config(card: ModelCard) -> UNetConfig:
+    """The card's network config after every check that needs no memory."""
     config = UNetConfig.from_dict(card.architecture)
     if config.num_classes != len(card.classes):
         raise FewLabelError(
             f"The card lists {len(card.classes)} classes but the network has "
             f"{config.num_classes} outputs: the checkpoint is inconsistent; retrain it."
         )
-    return TwoStreamUNet(config)
+    parameters = sum(p.numel() for p in _network_on_meta(config).parameters())
+    if parameters > MAX_PARAMETERS:
+        raise FewLabelError(
+            f"The card asks for a network of {parameters / 1e6:.0f} million parameters, more "
+            f"than the {MAX_PARAMETERS / 1e6:.0f} million napari-fewlabel builds: the card is damaged."
+        )
+    return config
+
+
+def _network_on_meta(config: UNetConfig) -> TwoStreamUNet:
+    """The network with shapes only (no memory): to check a card and a file against it."""
+    with torch.device("meta"):
+        return TwoStreamUNet(config)
 
 
 # ----------------------------------------------------------------------- save
-#: Suffix of a job's training state (optimizer, critic, queue, ...) written next to its output.
-STATE_SUFFIX = ".state.safetensors"
-
-
-def state_path(model_path: str | os.PathLike[str]) -> Path:
-    """The training-state file that goes with a job's output file (or the state file itself)."""
-    path = Path(model_path)
-    if path.name.endswith(STATE_SUFFIX):
-        return path
-    return path.with_name(path.name.removesuffix(".safetensors") + STATE_SUFFIX)
-
-
 def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Refuse a job's ``--out`` before any work: it must be a .safetensors file in a folder that exists."""
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise FewLabelError(f"--out must end in .safetensors, got {out.name!r}.")
-    if not out.parent.is_dir():
-        raise FewLabelError(
-            f"Folder {out.parent} does not exist: create it or choose another --out."
-        )
+    """Refuse a job's ``--out`` before any work: a .safetensors file in a folder we can write.
+
+    Also removes temporary files of earlier, killed checkpoint writes there.
+    """
+    out = check_output_file(path, (".safetensors",))
+    remove_stale_temp_files(out.parent)
     return out
 
 
@@ -241,7 +171,14 @@ def save_model_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]
 def write_safetensors(
     path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> Path:
-    """Write tensors and string metadata to ``path`` atomically (temp file, fsync, rename)."""
+    """Write tensors and string metadata to ``path`` atomically (temp file, fsync, rename).
+
+    Raises
+    ------
+    FewLabelError
+        When the file cannot be written (disk full, no permission), with the free
+        space; ``path`` is left as it was and no temporary file stays behind.
+    """
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
@@ -253,16 +190,11 @@ def write_safetensors(
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         except OSError as e:
-            raise FewLabelError(
-                f"Cannot write {path}: {e.strerror or e}. Choose a folder you can write to "
-                "with free space."
-            ) from e
+            raise write_failed(path, e) from e
+        except SafetensorError as e:  # how safetensors reports a full disk; not an OSError
+            reason = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", str(e))
+            raise write_failed(path, reason.group(1) if reason else e) from e
     return path
-
-
-def is_encoder_only(card: ModelCard) -> bool:
-    """Whether the checkpoint of ``card`` holds only a (pretrained) encoder."""
-    return bool(card.architecture.get(ENCODER_ONLY_KEY, False))
 
 
 def save_encoder_checkpoint(
@@ -318,50 +250,6 @@ def _optimizer_to_tensors(
 
 
 # ----------------------------------------------------------------------- load
-def check_not_pickle(path: Path) -> None:
-    """Refuse pickle-based checkpoints before anything reads them.
-
-    Raises
-    ------
-    FewLabelError
-        For a missing file, a PyTorch zip/pickle checkpoint, or anything that
-        is not a safetensors file.
-    """
-    if not path.is_file():
-        raise FewLabelError(f"Model file {path} not found: check the path or the model name.")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    is_zip = head[:4] == b"PK\x03\x04"
-    is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-    if is_zip or is_pickle:
-        raise FewLabelError(
-            f"{path.name} is a PyTorch pickle checkpoint (torch.save). napari-fewlabel never "
-            "unpickles files, because unpickling can run any code hidden in them. Convert it "
-            "where you trust the file: `sd = torch.load(path, weights_only=True)` then "
-            "`safetensors.torch.save_file(sd, 'model.safetensors')` and add a model card, "
-            "or retrain with `fewlabel finetune`."
-        )
-    if len(head) < 9 or head[8:9] != b"{" or struct.unpack("<Q", head[:8])[0] > path.stat().st_size:
-        raise FewLabelError(
-            f"{path.name} is not a safetensors file: give a .safetensors model written by "
-            "napari-fewlabel (e.g. `fewlabel finetune ... --out model.safetensors`)."
-        )
-
-
-def read_card(path: str | os.PathLike[str]) -> ModelCard:
-    """The model card of a checkpoint, without reading its weights."""
-    path = Path(path)
-    check_not_pickle(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if CARD_KEY not in metadata:
-        raise FewLabelError(
-            f"{path.name} has no napari-fewlabel model card: it was not written by "
-            "napari-fewlabel. Train a model with `fewlabel finetune`."
-        )
-    return ModelCard.from_json(metadata[CARD_KEY])
-
-
 def load_checkpoint(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
 ) -> SegmentationModel:
@@ -382,7 +270,16 @@ def load_checkpoint(
             f"your labelled slices first (`fewlabel finetune IMAGE LABELS --model {path.stem} "
             "--out model.safetensors`) and use the model that writes."
         )
-    network = build_network(card)
+    try:
+        config = _checked_config(card)
+    except FewLabelError as e:
+        raise FewLabelError(
+            f"{path}: its model card describes a network that cannot be built "
+            f"({str(e).rstrip('.')}); re-save the model or re-train it."
+        ) from e
+    # Names, shapes and dtypes are compared before any memory is allocated for the weights.
+    _check_tensors(path, read_safetensors_header(path), _network_on_meta(config).state_dict())
+    network = TwoStreamUNet(config)
     state = _read_prefixed(path, _MODEL_PREFIX)
     try:
         network.load_state_dict(state, strict=True)
@@ -398,12 +295,15 @@ def load_checkpoint(
 def load_optimizer_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The optimizer ``state_dict`` stored with a checkpoint, or None when there is none."""
     path = Path(path)
-    check_not_pickle(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata = read_safetensors_header(path).metadata
     if OPTIMIZER_KEY not in metadata:
         return None
-    meta = json.loads(metadata[OPTIMIZER_KEY])
+    try:
+        meta = json.loads(metadata[OPTIMIZER_KEY])
+    except json.JSONDecodeError as e:
+        raise FewLabelError(
+            f"{path}: its optimizer state is damaged ({e}); start the run again without --resume."
+        ) from e
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in _read_prefixed(path, _OPTIMIZER_PREFIX).items():
         index, name = key.split(".", 1)
@@ -424,9 +324,59 @@ def read_model_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _read_prefixed(path, _MODEL_PREFIX)
 
 
+#: torch dtype -> safetensors dtype name, for the types our networks hold.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _check_tensors(
+    path: Path, header: SafetensorsHeader, expected: Mapping[str, torch.Tensor]
+) -> None:
+    """Refuse a file whose ``model.*`` tensors are not the network's (names, shapes, dtypes).
+
+    Floating-point tensors may be stored in any float type (encoders ship as float16).
+    """
+    stored = {
+        k[len(_MODEL_PREFIX) :]: v for k, v in header.tensors.items() if k.startswith(_MODEL_PREFIX)
+    }
+    problem = ""
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing:
+        problem = f"{len(missing)} tensors are missing, e.g. {missing[0]!r}"
+    elif extra:
+        problem = f"it has {len(extra)} tensors the network lacks, e.g. {extra[0]!r}"
+    for name, tensor in expected.items():
+        if problem:
+            break
+        entry = stored[name]
+        want = _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype))
+        if entry.shape != tuple(tensor.shape):
+            problem = (
+                f"{name!r} has shape {list(entry.shape)}, the network needs {list(tensor.shape)}"
+            )
+        elif entry.dtype != want and not (want in _FLOAT_DTYPES and entry.dtype in _FLOAT_DTYPES):
+            problem = f"{name!r} is {entry.dtype}, the network needs {want}"
+    if problem:
+        raise FewLabelError(
+            f"{path}: the weights do not fit the network its model card describes ({problem}); "
+            "the file is damaged or was edited: re-save the model or re-train it."
+        )
+
+
 def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    read_safetensors_header(path)  # a damaged file is named here, not deep in safetensors
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise FewLabelError(
+            f"{path} could not be read ({e}): copy or save it again, or re-train the model."
+        ) from e
 
 
 class HasEncoder(Protocol):

@@ -70,14 +70,18 @@ class DrasCLRConfig:
     patch_spacing_mm: float = 1.0
 
     def __post_init__(self) -> None:
-        if len(self.widths) < 4 or min(self.widths) < 1:
+        if not 4 <= len(self.widths) <= 12 or not all(1 <= w <= 1024 for w in self.widths):
             raise FewLabelError(
-                f"DrasCLR widths need two stem widths, at least one block and a feature width, "
-                f"got {self.widths}."
+                f"DrasCLR widths need two stem widths, at least one block and a feature width "
+                f"(4 to 12 widths of 1 to 1024 channels), got {self.widths}."
             )
-        if self.experts < 1 or self.patch_size < 4 or self.patch_spacing_mm <= 0:
+        if not (
+            1 <= self.experts <= 64
+            and 4 <= self.patch_size <= 256
+            and 0 < self.patch_spacing_mm <= 100
+        ):
             raise FewLabelError(
-                "experts must be >= 1, patch_size >= 4 and patch_spacing_mm > 0 "
+                "experts must be 1 to 64, patch_size 4 to 256 and patch_spacing_mm in (0, 100] "
                 f"(got {self.experts}, {self.patch_size}, {self.patch_spacing_mm})."
             )
 
@@ -98,12 +102,18 @@ class DrasCLRConfig:
                 "give a checkpoint written by `fewlabel pretrain --method drasclr` or by the "
                 "emphysema subtype training."
             )
-        return cls(
-            widths=tuple(int(w) for w in d["widths"]),
-            experts=int(d["experts"]),
-            patch_size=int(d["patch_size"]),
-            patch_spacing_mm=float(d["patch_spacing_mm"]),
-        )
+        try:
+            return cls(
+                widths=tuple(int(w) for w in d["widths"]),
+                experts=int(d["experts"]),
+                patch_size=int(d["patch_size"]),
+                patch_spacing_mm=float(d["patch_spacing_mm"]),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise FewLabelError(
+                f"The DrasCLR architecture in this model card is damaged ({e!r:.80}): re-save "
+                "or re-train the model."
+            ) from e
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -22,7 +22,7 @@ import platformdirs
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Modality
-from napari_fewlabel.models.checkpoint import STATE_SUFFIX, is_encoder_only, read_card
+from napari_fewlabel.models.card import STATE_SUFFIX, is_encoder_only, read_card
 
 #: Starter weights that ship inside the package.
 SHIPPED_MODEL_DIR = Path(__file__).parent / "weights"

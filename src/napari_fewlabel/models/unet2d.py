@@ -35,6 +35,12 @@ from torch import nn
 from napari_fewlabel.errors import FewLabelError
 
 ARCHITECTURE_NAME = "TwoStreamUNet2d"
+# Bounds a config (and so a model card) must keep: far above any useful network, far
+# below one that would try to allocate terabytes.
+MAX_IN_SLICES = 31
+MAX_CLASSES = 1000
+MAX_LEVELS = 8
+MAX_WIDTH = 1024
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,22 @@ class UNetConfig:
     norm: Literal["group", "instance"] = "group"
 
     def __post_init__(self) -> None:
-        if self.in_slices < 1 or self.in_slices % 2 == 0:
+        if not 1 <= self.in_slices <= MAX_IN_SLICES or self.in_slices % 2 == 0:
             raise FewLabelError(
-                f"in_slices must be an odd number >= 1 (the middle slice is segmented), "
-                f"got {self.in_slices}."
+                f"in_slices must be an odd number from 1 to {MAX_IN_SLICES} (the middle slice "
+                f"is segmented), got {self.in_slices}."
             )
-        if self.num_classes < 2:
-            raise FewLabelError(f"num_classes must be >= 2, got {self.num_classes}.")
-        if len(self.widths) < 2:
-            raise FewLabelError(f"Give at least two encoder widths, got {self.widths}.")
+        if not 2 <= self.num_classes <= MAX_CLASSES:
+            raise FewLabelError(
+                f"num_classes must be from 2 to {MAX_CLASSES}, got {self.num_classes}."
+            )
+        if not 2 <= len(self.widths) <= MAX_LEVELS:
+            raise FewLabelError(f"Give two to {MAX_LEVELS} encoder widths, got {len(self.widths)}.")
+        if not all(1 <= w <= MAX_WIDTH for w in (*self.widths, self.full_res_width)):
+            raise FewLabelError(
+                f"Widths must be from 1 to {MAX_WIDTH} channels, got {list(self.widths)} and "
+                f"full_res_width {self.full_res_width}."
+            )
         if self.norm not in ("group", "instance"):
             raise FewLabelError(f"norm must be 'group' or 'instance', got {self.norm!r}.")
 
@@ -98,13 +111,26 @@ class UNetConfig:
                 f"This checkpoint holds a {d.get('name')!r} network, not a {ARCHITECTURE_NAME}: "
                 "use it with the command made for it."
             )
+        values = {key: d.get(key) for key in ("in_slices", "num_classes", "full_res_width")}
+        widths = d.get("widths")
+        if not isinstance(widths, list | tuple) or not all(_is_whole(w) for w in widths):
+            raise FewLabelError(f"widths must be a list of whole numbers, got {widths!r:.60}.")
+        for key, value in values.items():
+            if not _is_whole(value):
+                raise FewLabelError(f"{key} must be a whole number, got {value!r:.40}.")
+        if d.get("norm") not in ("group", "instance"):
+            raise FewLabelError(f"norm must be 'group' or 'instance', got {d.get('norm')!r:.40}.")
         return cls(
-            in_slices=int(d["in_slices"]),
-            num_classes=int(d["num_classes"]),
-            widths=tuple(int(w) for w in d["widths"]),
-            full_res_width=int(d["full_res_width"]),
+            in_slices=d["in_slices"],
+            num_classes=d["num_classes"],
+            widths=tuple(widths),
+            full_res_width=d["full_res_width"],
             norm=d["norm"],
         )
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
