@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.atomic import (
@@ -166,6 +166,20 @@ def save_model_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]
         path = path.with_suffix(".safetensors")
     model = load_checkpoint(source)
     return save_checkpoint(path, model.network, model.card)
+
+
+def save_file(
+    tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` without a temporary file of its own.
+
+    safetensors' own (0.8 at least) writes a ``.tmpXXXXXX`` next to ``filename`` and
+    renames it: a process killed meanwhile leaves that file behind, under a name the
+    clean-up of our stale temporary files does not (and must not) remove.
+    """
+    data = serialize(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data)
 
 
 def write_safetensors(
