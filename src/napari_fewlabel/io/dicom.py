@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.io.dicom_guard import length_problem
 from napari_fewlabel.io.header import ScanHeader
 from napari_fewlabel.io.itk import file_array
 from napari_fewlabel.io.limits import check_volume_size
@@ -250,6 +251,10 @@ def _walk_files(folder: Path):  # -> Iterator[Path]
 
 
 def _read_slice_header(path: Path) -> _Slice | None:
+    if length_problem(path) is not None:
+        # An element longer than the file: GDCM would allocate the declared length (up to
+        # 4 GB) before failing. Damaged, so skipped like an unreadable file (a gap).
+        return None
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
