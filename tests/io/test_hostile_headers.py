@@ -374,3 +374,14 @@ def test_nifti_declaring_gigabytes_of_header_extensions(tmp_path):
     path.write_bytes(gzip.compress(bytes(data)))
     with pytest.raises(FewLabelError, match="2000 MB of header extensions"):
         load_volume(path)
+
+
+def test_data_file_name_with_a_null_byte(tmp_path):
+    # Found by benchmarks/fuzz.py: os.path.realpath raised ValueError("embedded null byte").
+    path = tmp_path / "x.mhd"
+    path.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+        b"ElementDataFile = x\x00.raw\n"
+    )
+    with pytest.raises(FewLabelError, match="null byte"):
+        load_volume(path)

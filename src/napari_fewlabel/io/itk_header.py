@@ -339,6 +339,11 @@ def _data_file(header_path: Path, spec: str, field: str) -> Path:
             f"{name} spreads its voxels over several files ({field}: {spec[:80]!r}), which "
             "this reader does not support: save the scan as one file."
         )
+    if "\x00" in spec:
+        raise FewLabelError(
+            f"Could not read {name}: its data file name ({field}) holds a null byte, so the "
+            "header is damaged: export the scan again."
+        )
     folder = Path(os.path.realpath(header_path.parent))
     target = Path(os.path.realpath(folder / spec))
     if not target.is_relative_to(folder):
