@@ -92,23 +92,11 @@ def _dicom_seed(folder: Path, hu: np.ndarray) -> Path:
 
 
 def _model_seed(path: Path) -> Path:
-    import torch
+    from napari_fewlabel.models.checkpoint import save_checkpoint
+    from tiny_model import make_model
 
-    from napari_fewlabel.data.classes import default_classes
-    from napari_fewlabel.data.normalization import NormalizationConfig
-    from napari_fewlabel.models.checkpoint import ModelCard, save_checkpoint
-    from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
-
-    torch.manual_seed(0)
-    config = UNetConfig(in_slices=3, num_classes=2, widths=(4, 8), full_res_width=4)
-    card = ModelCard(
-        architecture=config.to_dict(),
-        classes=default_classes(2),
-        modality="MR",
-        normalization=NormalizationConfig.for_modality("MR"),
-        input_size=(16, 16),
-    )
-    save_checkpoint(path, TwoStreamUNet(config), card)
+    model = make_model(num_classes=2, input_size=(16, 16))
+    save_checkpoint(path, model.network, model.card)
     return path
 
 
