@@ -104,7 +104,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data
         if finite.size:
             intensity_range = [float(finite.min()), float(finite.max())]
-    info = {
+    info: dict[str, object] = {
         "path": str(args.path),
         "format": header.format,
         "shape_zyx": list(shape),

@@ -67,7 +67,10 @@ def _gdcm_reads(path: Path) -> bool:
 
 
 def _load_in_child(folder: Path) -> tuple[str, float]:
-    """Load ``folder`` in a fresh process: (what it printed, its peak resident memory in MB)."""
+    """Load ``folder`` in a fresh process: (what it printed, its peak resident memory in MB).
+
+    The child reports its own VmHWM: getrusage's ru_maxrss survives exec, so it would carry
+    this (pytest) process's peak, over 1 GB late in a full run."""
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -77,6 +80,8 @@ def _load_in_child(folder: Path) -> tuple[str, float]:
         "    print('loaded', load_volume(Path(sys.argv[1])).shape)\n"
         "except FewLabelError as exc:\n"
         "    print('refused', exc)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "print('VmHWM', int(hwm.split()[1]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
@@ -84,10 +89,10 @@ def _load_in_child(folder: Path) -> tuple[str, float]:
     )
     out = child.stdout.read().decode()
     child.stdout.close()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
+    child.wait()
     assert child.returncode == 0, out
-    return out, usage.ru_maxrss / 1024
+    text, _, hwm = out.rpartition("VmHWM ")
+    return text, int(hwm) / 1024
 
 
 # ---------------------------------------------------------------- valid files pass
