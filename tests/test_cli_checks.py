@@ -198,13 +198,32 @@ def test_evaluate_json_to_a_read_only_or_full_folder_exits_2(scan, tmp_path, cap
         assert sorted(p.name for p in folder.iterdir()) == ["filler"]  # no temp file left
 
 
-def test_finetune_on_a_full_disk_exits_2_and_leaves_no_temp_file(
+def test_finetune_to_a_full_disk_is_refused_before_training(scan, tmp_path, capsys, monkeypatch):
+    image, labels, _ = scan
+    jobs = []
+    monkeypatch.setattr(finetune, "FinetuneJob", lambda *a, **k: jobs.append(a))
+    with small_disks.tmpfs(tmp_path / "full", size="1m") as folder:
+        small_disks.fill(folder)
+        out = folder / "model.safetensors"
+        args = ["finetune", str(image), str(labels), "--out", str(out), "--steps", "2"]
+        assert main([*args, "--device", "cpu", "--model", "random"]) == 2
+        err = capsys.readouterr().err
+        assert f"Not enough space for {out} (0 bytes free; it needs about 32 MB)" in err
+        assert "free some space" in err and "Traceback" not in err
+        assert jobs == []  # no training was started
+        assert sorted(p.name for p in folder.iterdir()) == ["filler"]
+
+
+def test_finetune_when_the_disk_fills_during_training_exits_2_and_leaves_no_temp_file(
     scan, tmp_path, capsys, monkeypatch
 ):
+    """The check before training passes (here: asked for 0 bytes); the disk is full by the
+    time the model is written."""
     image, labels, _ = scan
     monkeypatch.setattr(
         finetune, "FinetuneJob", functools.partial(finetune.FinetuneJob, architecture=TINY)
     )
+    monkeypatch.setattr("napari_fewlabel.cli._MODEL_NEED_BYTES", 0)
     with small_disks.tmpfs(tmp_path / "full") as folder:
         small_disks.fill(folder)
         out = folder / "model.safetensors"

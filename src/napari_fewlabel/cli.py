@@ -55,6 +55,9 @@ EXIT_USER_ERROR = 2
 #: What `predict` may write a mask as.
 _MASK_SUFFIXES = (".nii.gz", ".nii")
 _MODEL_SUFFIXES = (".safetensors",)
+#: Free space a trained model needs beside its --out (the default networks write 2-10 MB,
+#: and pretraining a resume state beside it): refused before training, not after.
+_MODEL_NEED_BYTES = 32_000_000
 
 
 # Each command checks its paths first, before it imports torch (seconds) or reads a scan
@@ -499,7 +502,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from napari_fewlabel.io.atomic import check_output_file
 
-    check_output_file(args.out, _MODEL_SUFFIXES)
+    check_output_file(args.out, _MODEL_SUFFIXES, need_bytes=_MODEL_NEED_BYTES)
     _check_inputs_exist(
         args.image,
         args.labels,
@@ -726,7 +729,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     from napari_fewlabel.io.atomic import check_output_file
 
-    check_output_file(args.out, _MODEL_SUFFIXES)
+    check_output_file(args.out, _MODEL_SUFFIXES, need_bytes=_MODEL_NEED_BYTES)
     _check_inputs_exist(*args.data)  # --resume: the job finds the state file that goes with it
     if args.method != "drasclr":  # where --init is refused with its own sentence below
         _check_model(args.init)
@@ -910,7 +913,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from napari_fewlabel.io.atomic import check_output_file
 
-    check_output_file(args.out, _MODEL_SUFFIXES)
+    check_output_file(args.out, _MODEL_SUFFIXES, need_bytes=_MODEL_NEED_BYTES)
     _check_model(args.source_model)
     _check_inputs_exist(*args.target, *args.source)
     _check_model(args.resume)

@@ -167,7 +167,11 @@ def _check_folder_writable(folder: Path, option: str) -> None:
 
 
 def check_output_file(
-    path: str | os.PathLike[str], suffixes: Sequence[str], *, option: str = "--out"
+    path: str | os.PathLike[str],
+    suffixes: Sequence[str],
+    *,
+    option: str = "--out",
+    need_bytes: int = 0,
 ) -> Path:
     """Refuse an output file before any work is done; return it as a Path.
 
@@ -179,12 +183,16 @@ def check_output_file(
         Accepted endings, e.g. ``(".nii.gz", ".nii")``; the first is suggested.
     option : str
         The command-line option that named it, for the message.
+    need_bytes : int
+        Refuse when the folder has less free space than this, so that a job
+        whose output is written at the end (a trained model) fails in a second
+        rather than after the whole run.
 
     Raises
     ------
     FewLabelError
-        Wrong ending, an existing folder at ``path``, or a folder that is
-        missing or cannot be written.
+        Wrong ending, an existing folder at ``path``, a folder that is
+        missing or cannot be written, or less than ``need_bytes`` free.
     """
     out = Path(path).expanduser()
     if out.is_dir():
@@ -198,6 +206,16 @@ def check_output_file(
             f"{option} {out.name.split('.')[0] or 'result'}{suffixes[0]}."
         )
     _check_folder_writable(_folder(out), option)
+    if need_bytes > 0:
+        try:
+            free = shutil.disk_usage(_folder(out)).free
+        except OSError:
+            free = need_bytes  # unknown: let the write itself report
+        if free < need_bytes:
+            raise FewLabelError(
+                f"Not enough space for {out} ({_free_space(_folder(out))}; it needs about "
+                f"{need_bytes / 1e6:.0f} MB): free some space or choose another {option}."
+            )
     return out
 
 
