@@ -56,10 +56,10 @@ from pretraining import _append
 
 from napari_fewlabel.data.classes import named_classes
 from napari_fewlabel.infer.suggest import suggest_slices
-from napari_fewlabel.jobs import refine_steps
+from napari_fewlabel.jobs import refine_settings, refine_steps
 from napari_fewlabel.models.checkpoint import load_checkpoint
 from napari_fewlabel.train.device import describe_device
-from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob
+from napari_fewlabel.train.finetune import DEFAULT_STEPS, FinetuneJob, FinetuneSettings
 
 STRATEGIES = ("suggest", "even", "random")
 DEFAULT_CASES = ("mni-deep-grey", "itk-head-brain", "brain-tumour", "lung-tumour")
@@ -122,6 +122,11 @@ def train(
         seed=seed,
         device=args.device,
         max_input_side=args.max_side,
+        settings=(
+            refine_settings(FinetuneSettings())
+            if start is not None and args.refine == "gentle"
+            else FinetuneSettings()
+        ),
     )
     done, pred = run_and_predict(job, case.name)
     return done.checkpoint, pred, time.perf_counter() - began
@@ -215,7 +220,7 @@ def run_loop(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     done = {
         (row["case"], row["strategy"], row["seed"], row["rounds_asked"])
-        for row in read_rows(args.results)
+        for row in read_rows(args.results, args.refine)
     }
     args.workdir.mkdir(parents=True, exist_ok=True)
     for case_name in args.cases:
@@ -242,6 +247,7 @@ def run_loop(args: argparse.Namespace) -> None:
                             "case": case_name,
                             "strategy": strategy,
                             "seed": seed,
+                            "refine": args.refine,
                             "rounds_asked": args.rounds,
                             "steps": args.steps,
                             "max_side": args.max_side,
@@ -256,14 +262,16 @@ def run_loop(args: argparse.Namespace) -> None:
                     )
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(path: Path, refine: str) -> list[dict[str, Any]]:
+    """The rows of runs whose Refine rounds used ``refine`` (rows before the field: full)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("refine", "full") == refine]
 
 
 def table(args: argparse.Namespace) -> str:
-    rows = read_rows(args.results)
+    rows = read_rows(args.results, args.refine)
     cases = sorted({r["case"] for r in rows})
     lines = [
         "| case | full-supervision Dice | "
@@ -312,7 +320,7 @@ def plot(args: argparse.Namespace, out: Path) -> None:
     """Dice after each round, one panel per case, one line per strategy (PIL only)."""
     from PIL import Image, ImageDraw
 
-    rows = read_rows(args.results)
+    rows = read_rows(args.results, args.refine)
     cases = sorted({r["case"] for r in rows})
     colours = {"suggest": (200, 40, 40), "even": (40, 90, 200), "random": (120, 120, 120)}
     w, h, pad = 360, 260, 40
@@ -380,6 +388,13 @@ def main() -> None:
         "--results",
         type=Path,
         default=Path(__file__).resolve().parent / "results" / "labelling_loop.jsonl",
+    )
+    parser.add_argument(
+        "--refine",
+        choices=("gentle", "full"),
+        default="gentle",
+        help="the settings of a Refine round: gentle (jobs.refine_settings, what the widget "
+        "uses) or full (a full run's schedule over the short budget, before 2026-12-05)",
     )
     parser.add_argument("--table", action="store_true", help="print the Markdown summary only")
     parser.add_argument("--plot", type=Path, help="write the curves as a PNG and stop")
