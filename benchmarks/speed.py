@@ -16,6 +16,7 @@ Prints one JSON document:
   256x256x200 MRI (skip with ``--skip-finetune``).
 
     python benchmarks/speed.py > speed.json
+    python benchmarks/speed.py --speed-only          # the rates only, a few minutes
     python benchmarks/speed.py --device cuda > speed_gpu.json    # on a GPU machine
 
 On a GPU both networks run under the product's mixed precision
@@ -56,7 +57,13 @@ from napari_fewlabel.losses.cross_pseudo_supervision import cross_pseudo_supervi
 from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import ModelCard, SegmentationModel
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
-from napari_fewlabel.train.device import autocast, describe_device, precision_for, resolve_device
+from napari_fewlabel.train.device import (
+    Precision,
+    autocast,
+    describe_device,
+    precision_for,
+    resolve_device,
+)
 
 SIZE = 256
 CLASSES = 4
@@ -72,44 +79,78 @@ def _params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def _timed(fn: Any, device: torch.device) -> float:
-    """Seconds of one call of ``fn`` under the device's precision, the device synchronised."""
+FP32 = Precision(None, False)
+
+
+def _timed(fn: Any, device: torch.device, precision: Precision) -> float:
+    """Seconds of one call of ``fn`` under ``precision``, the device synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    with autocast(device, precision_for(device)):
+    with autocast(device, precision):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
+def _setups(device: torch.device) -> dict[str, tuple[bool, Precision]]:
+    """How each network runs: (channels-last layout, precision).
+
+    ``product``: as the package runs it on ``device`` (train/device.py);
+    ``plain``: float32 in the default layout (ours before issue 25, and MONAI
+    as a user runs it without tuning).
+    """
+    return {"product": (device.type == "cpu", precision_for(device)), "plain": (False, FP32)}
+
+
+def _placed(network: torch.nn.Module, device: torch.device, channels_last: bool) -> Any:
+    if channels_last:
+        return network.to(device, memory_format=torch.channels_last)
+    return network.to(device)
+
+
+def matmul_flops(device: torch.device, precision: Precision, size: int = 2048) -> float:
+    """Dense matmul FLOP/s of this machine at ``precision`` (median of 5), the peak to compare with."""
+    dtype = precision.dtype or torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    times = [_timed(lambda: a @ b, device, FP32) for _ in range(5)]
+    return 2 * size**3 / statistics.median(times)
+
+
+def _step_flops(step: Any, device: torch.device, precision: Precision) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, autocast(device, precision):
+        step()
+    return int(counter.get_total_flops())
+
+
 def training_speed(repeats: int, device: torch.device) -> dict[str, Any]:
+    """Steps/s of ours (supervised and default step) and MONAI, in each setup, interleaved."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     aug = AugmentConfig()
-    ours = TwoStreamUNet(UNetConfig(3, CLASSES)).to(device)
-    monai = _monai_unet().to(device)
-    opt_ours = torch.optim.AdamW(ours.parameters(), 1e-3)
-    opt_monai = torch.optim.AdamW(monai.parameters(), 1e-3)
     x = torch.randn(8, 3, SIZE, SIZE, device=device)
     y = torch.randint(0, CLASSES, (8, SIZE, SIZE), device=device)
 
-    def ours_supervised() -> None:
+    def ours_supervised(net: TwoStreamUNet, opt: torch.optim.Optimizer) -> None:
         xa, ya = warp(x, y, random_geometry(8, aug, generator, device))
-        a, b = ours(xa)
+        a, b = net(xa)
         loss = dice_ce_loss(a, ya)[0] + dice_ce_loss(b, ya)[0]
-        opt_ours.zero_grad()
+        opt.zero_grad()
         loss.backward()
-        opt_ours.step()
+        opt.step()
 
-    def ours_default() -> None:
+    def ours_default(net: TwoStreamUNet, opt: torch.optim.Optimizer) -> None:
         # The default fine-tuning step: 4 labelled + 4 unlabelled slices, teacher pass on the weak view.
         xa, ya = warp(x, y, random_geometry(8, aug, generator, device))
         weak = jitter_intensity(xa[4:], generator, contrast=0.15, brightness=0.1, noise_std=0.05)
         with torch.no_grad():
-            ta, tb = ours(weak)
-        a, b = ours(torch.cat([xa[:4], strong_view(weak, aug, generator)]))
+            ta, tb = net(weak)
+        a, b = net(torch.cat([xa[:4], strong_view(weak, aug, generator)]))
         loss = dice_ce_loss(a[:4], ya[:4])[0] + dice_ce_loss(b[:4], ya[:4])[0]
         loss = (
             loss
@@ -117,54 +158,97 @@ def training_speed(repeats: int, device: torch.device) -> dict[str, Any]:
                 a[4:], b[4:], teacher_1=ta, teacher_2=tb, threshold=0.9
             )[0]
         )
-        opt_ours.zero_grad()
+        opt.zero_grad()
         loss.backward()
-        opt_ours.step()
+        opt.step()
 
-    def monai_step() -> None:
+    def monai_step(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         xa, ya = warp(x, y, random_geometry(8, aug, generator, device))
-        loss = dice_ce_loss(monai(xa), ya)[0]
-        opt_monai.zero_grad()
+        loss = dice_ce_loss(net(xa), ya)[0]
+        opt.zero_grad()
         loss.backward()
-        opt_monai.step()
+        opt.step()
 
-    times: dict[str, list[float]] = {"ours_supervised": [], "ours_default": [], "monai": []}
-    steps = {"ours_supervised": ours_supervised, "ours_default": ours_default, "monai": monai_step}
-    for fn in steps.values():  # warm-up
-        _timed(fn, device)
+    steps: dict[str, tuple[Any, Precision]] = {}
+    params = {}
+    for setup, (channels_last, precision) in _setups(device).items():
+        for name, make, fn in (
+            ("ours_supervised", lambda: TwoStreamUNet(UNetConfig(3, CLASSES)), ours_supervised),
+            ("ours_default", lambda: TwoStreamUNet(UNetConfig(3, CLASSES)), ours_default),
+            ("monai", _monai_unet, monai_step),
+        ):
+            net = _placed(make(), device, channels_last)
+            params[name.split("_")[0]] = _params(net)
+            opt = torch.optim.AdamW(net.parameters(), 1e-3)
+            steps[f"{name}[{setup}]"] = (
+                lambda fn=fn, net=net, opt=opt: fn(net, opt),
+                precision,
+            )
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for fn, precision in steps.values():  # warm-up
+        _timed(fn, device, precision)
     for _ in range(repeats):  # interleaved so machine load hits all alike
-        for name, fn in steps.items():
-            times[name].append(_timed(fn, device))
+        for name, (fn, precision) in steps.items():
+            times[name].append(_timed(fn, device, precision))
     rate = {k: 1 / statistics.median(v) for k, v in times.items()}
+    product = _setups(device)["product"][1]
+    flops = _step_flops(steps["ours_supervised[product]"][0], device, product)
+    peak = {"fp32": matmul_flops(device, FP32)}
+    if product.dtype is not None:
+        peak[product.name] = matmul_flops(device, product)
+    achieved = flops * rate["ours_supervised[product]"]
     return {
         "input": f"8 x 3 x {SIZE} x {SIZE}",
-        "params_ours": _params(ours),
-        "params_monai": _params(monai),
+        "params_ours": params["ours"],
+        "params_monai": params["monai"],
+        "setups": {
+            k: {"channels_last": c, "precision": p.name} for k, (c, p) in _setups(device).items()
+        },
         "steps_per_s": {k: round(v, 3) for k, v in rate.items()},
-        "ratio_ours_supervised_vs_monai": round(rate["ours_supervised"] / rate["monai"], 3),
-        "ratio_ours_default_vs_monai": round(rate["ours_default"] / rate["monai"], 3),
+        "ratio_ours_supervised_vs_monai_plain": round(
+            rate["ours_supervised[product]"] / rate["monai[plain]"], 3
+        ),
+        "ratio_ours_default_vs_monai_plain": round(
+            rate["ours_default[product]"] / rate["monai[plain]"], 3
+        ),
+        "ratio_ours_supervised_vs_monai_same_setup": round(
+            rate["ours_supervised[product]"] / rate["monai[product]"], 3
+        ),
+        "ratio_ours_default_vs_monai_same_setup": round(
+            rate["ours_default[product]"] / rate["monai[product]"], 3
+        ),
+        "speedup_ours_default_product_vs_plain": round(
+            rate["ours_default[product]"] / rate["ours_default[plain]"], 3
+        ),
+        "supervised_step_gflop": round(flops / 1e9, 2),
+        "achieved_gflop_per_s": round(achieved / 1e9, 1),
+        "matmul_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peak.items()},
+        "share_of_fp32_matmul": round(achieved / peak["fp32"], 3),
     }
 
 
 @torch.no_grad()
 def inference_speed(repeats: int, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
-    ours = TwoStreamUNet(UNetConfig(3, CLASSES)).eval().to(device)
-    monai = _monai_unet().eval().to(device)
     x = torch.randn(16, 3, SIZE, SIZE, device=device)
-    fns = {"ours": lambda: ours.predict_proba(x), "monai": lambda: monai(x).softmax(1)}
+    fns: dict[str, tuple[Any, Precision]] = {}
+    for setup, (channels_last, precision) in _setups(device).items():
+        ours = _placed(TwoStreamUNet(UNetConfig(3, CLASSES)).eval(), device, channels_last)
+        monai = _placed(_monai_unet().eval(), device, channels_last)
+        fns[f"ours[{setup}]"] = (lambda ours=ours: ours.predict_proba(x), precision)
+        fns[f"monai[{setup}]"] = (lambda monai=monai: monai(x).float().softmax(1), precision)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        _timed(fn, device)
+    for fn, precision in fns.values():
+        _timed(fn, device, precision)
     for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn, device))
+        for name, (fn, precision) in fns.items():
+            times[name].append(_timed(fn, device, precision))
     rate = {k: 16 / statistics.median(v) for k, v in times.items()}
 
     from napari_fewlabel.infer.predict import predict_volume
     from napari_fewlabel.io.volume import Volume
 
-    model = _model("MR", ours)
+    model = _model("MR")
     rng = np.random.default_rng(0)
     volume = Volume.from_array(
         rng.gamma(2, 100, size=(200, SIZE, SIZE)).astype(np.float32), modality="MR"
@@ -175,7 +259,9 @@ def inference_speed(repeats: int, device: torch.device) -> dict[str, Any]:
     return {
         "input": f"16 x 3 x {SIZE} x {SIZE}",
         "slices_per_s": {k: round(v, 2) for k, v in rate.items()},
-        "ratio_ours_vs_monai": round(rate["ours"] / rate["monai"], 3),
+        "ratio_ours_vs_monai_plain": round(rate["ours[product]"] / rate["monai[plain]"], 3),
+        "ratio_ours_vs_monai_same_setup": round(rate["ours[product]"] / rate["monai[product]"], 3),
+        "speedup_ours_product_vs_plain": round(rate["ours[product]"] / rate["ours[plain]"], 3),
         "predict_volume_256x256x200_s": round(whole, 1),
         "predict_volume_slices_per_s": round(200 / whole, 2),
     }
@@ -403,6 +489,9 @@ def main() -> None:
     parser.add_argument(
         "--memory-only", action="store_true", help="only the memory cases (CPU prediction)"
     )
+    parser.add_argument(
+        "--speed-only", action="store_true", help="only the training and inference rates"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -424,6 +513,9 @@ def main() -> None:
         "training": training_speed(args.repeats, device),
         "inference": inference_speed(args.repeats, device),
     }
+    if args.speed_only:
+        print(json.dumps(report, indent=1))
+        return
     if device.type == "cpu":
         report["memory"] = memory(args.lung1, args.planes)
     if not args.skip_finetune:

@@ -18,6 +18,12 @@ from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import save_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def _float32(monkeypatch):
+    """Float32 on every CPU: the counts are compared exactly with a count by hand in float32."""
+    monkeypatch.setenv("FEWLABEL_CPU_BF16", "0")
+
+
 def _volume(shape=(6, 32, 32), seed=0) -> Volume:
     rng = np.random.default_rng(seed)
     return Volume.from_array(rng.gamma(2, 50, size=shape).astype(np.float32), modality="MR")

@@ -27,7 +27,7 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import SegmentationModel
 from napari_fewlabel.models.unet2d import TwoStreamUNet
-from napari_fewlabel.train.device import autocast, precision_for, resolve_device
+from napari_fewlabel.train.device import autocast, place_network, precision_for, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ def predict_volume(
     dev = resolve_device(device)
     if batch_size is None:
         batch_size = 2 if dev.type == "cpu" else 16
-    run = _PlaneRun(model.network.to(dev).eval(), array, mapping, dev, batch_size, test_time_flips)
+    run = _PlaneRun(
+        place_network(model.network, dev).eval(), array, mapping, dev, batch_size, test_time_flips
+    )
     planes = [int(p) for p in card.inference.get("planes", [axis])]
     if array.shape[axis] < MIN_SLICES_FOR_CROSS_PLANES:
         planes = [axis]  # as training does: slices across a thin scan are a few rows tall

@@ -25,7 +25,7 @@ from napari_fewlabel.data.normalization import fit_intensity
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
 from napari_fewlabel.models.checkpoint import SegmentationModel
-from napari_fewlabel.train.device import autocast, precision_for, resolve_device
+from napari_fewlabel.train.device import autocast, place_network, precision_for, resolve_device
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def stream_disagreement(
     mapping = fit_intensity(array, card.normalization)
     network = model.network
     dev = resolve_device(device)
-    network = network.to(dev).eval()
+    network = place_network(network, dev).eval()
     batch_size = batch_size or (2 if dev.type == "cpu" else 16)
     precision = precision_for(dev)
     half = network.config.in_slices // 2

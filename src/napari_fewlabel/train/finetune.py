@@ -50,7 +50,13 @@ from napari_fewlabel.models.checkpoint import (
 )
 from napari_fewlabel.models.registry import resolve_model
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
-from napari_fewlabel.train.device import describe_device, memory_mb, precision_for, resolve_device
+from napari_fewlabel.train.device import (
+    describe_device,
+    memory_mb,
+    place_network,
+    precision_for,
+    resolve_device,
+)
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progress
 from napari_fewlabel.train.finetune_batches import TrainingBatches, labelled_draw_probabilities
 from napari_fewlabel.train.finetune_data import (
@@ -633,7 +639,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     begin = _start_network(job, data)
     if begin.notice is not None:
         yield begin.notice
-    network = begin.network.to(device).train()
+    network = place_network(begin.network, device).train()
     optimizer = torch.optim.AdamW(
         _parameter_groups(network, settings, begin.started_from != RANDOM_START),
         lr=settings.learning_rate,
