@@ -22,6 +22,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -158,10 +159,14 @@ def precision_for(device: torch.device) -> Precision:
     return Precision(torch.float16, True)
 
 
-def place_network(network: nn.Module, device: torch.device) -> nn.Module:
+_Network = TypeVar("_Network", bound=nn.Module)
+
+
+def place_network(network: _Network, device: torch.device) -> _Network:
     """Move ``network`` to ``device``, in channels-last layout on the CPU; returns it."""
     if device.type == "cpu":
-        return network.to(device, memory_format=torch.channels_last)
+        # memory_format is a documented keyword of Module.to that its type stubs omit
+        return network.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     return network.to(device)
 
 
