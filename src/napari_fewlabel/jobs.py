@@ -9,7 +9,7 @@ them inline; both consume the same events (``train.events`` plus
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,26 +148,6 @@ REFINE_SHARE = 0.2
 def refine_steps(full_steps: int) -> int:
     """Steps of a Refine round after a full run of ``full_steps``: a fifth, at least 10."""
     return max(10, round(REFINE_SHARE * full_steps))
-
-
-def refine_settings(settings: finetune.FinetuneSettings) -> finetune.FinetuneSettings:
-    """The settings of a Refine round: a gentle restart of a model that is already trained.
-
-    A full run's schedule is for a network that knows nothing yet: labelled
-    slices alone for the first 30 %, then the unlabelled term ramped in, and
-    class weights that favour small structures at first. Run again over a short
-    round from a trained model, it dropped Dice after a new slice (0.75 to 0.64,
-    0.69 to 0.26 on the brain tumour in benchmarks/labelling_loop.py). Here
-    the streams' pseudo-labels are trusted from the first step, the class
-    weights are plain, and the learning rate is halved.
-    """
-    return replace(
-        settings,
-        supervised_warmup=0.0,
-        cps_rampup=0.0,
-        class_balance=0.0,
-        learning_rate=settings.learning_rate / 2,
-    )
 
 
 def suggest_next_slices(

@@ -55,7 +55,6 @@ from napari_fewlabel.jobs import (
     SlicesSuggested,
     finetune_and_predict,
     predict_with_model,
-    refine_settings,
     refine_steps,
     suggest_next_slices,
 )
@@ -513,9 +512,8 @@ class FinetuneWidget(JobWidget):
         slices of the annotation (the whole slice: what was not corrected is
         accepted); slices painted on the annotation layer count too. The run
         starts from all weights of the last model, for a fifth of the steps
-        (:func:`~napari_fewlabel.jobs.refine_steps`) with a gentle schedule
-        (:func:`~napari_fewlabel.jobs.refine_settings`), and writes a new model
-        file: the earlier one is kept.
+        (:func:`~napari_fewlabel.jobs.refine_steps`), and writes a new model file:
+        the earlier one is kept.
         """
         if self.runner.is_running:
             show_warning("A job is already running: wait for it or press Stop.")
@@ -584,13 +582,7 @@ class FinetuneWidget(JobWidget):
             self._update_slice_count()
         job = self._build_job()
         steps = refine_steps(self.steps_spin.value())
-        return replace(
-            job,
-            model=str(self._checkpoint),
-            steps=steps,
-            axis=axis,
-            settings=refine_settings(job.settings),
-        )
+        return replace(job, model=str(self._checkpoint), steps=steps, axis=axis)
 
     def _build_job(self) -> Any:
         from napari_fewlabel.train.finetune import FinetuneJob
