@@ -61,6 +61,7 @@ from napari_fewlabel.train.device import (
     Precision,
     autocast,
     describe_device,
+    place_network,
     precision_for,
     resolve_device,
 )
@@ -105,9 +106,8 @@ def _setups(device: torch.device) -> dict[str, tuple[bool, Precision]]:
 
 
 def _placed(network: torch.nn.Module, device: torch.device, channels_last: bool) -> Any:
-    if channels_last:
-        return network.to(device, memory_format=torch.channels_last)
-    return network.to(device)
+    """As the package places it (channels_last on the CPU), or plainly moved to ``device``."""
+    return place_network(network, device) if channels_last else network.to(device)
 
 
 def matmul_flops(device: torch.device, precision: Precision, size: int = 2048) -> float:

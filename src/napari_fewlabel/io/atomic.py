@@ -56,9 +56,10 @@ def _folder(path: Path) -> Path:
     return path.parent if str(path.parent) else Path(".")
 
 
-def _free_space(folder: Path) -> str:
+def _free_space(folder: Path, free_bytes: int | None = None) -> str:
+    """``"12.3 MB free"``: of ``folder``, or ``free_bytes`` when the caller has it already."""
     try:
-        free = float(shutil.disk_usage(folder).free)
+        free = float(shutil.disk_usage(folder).free if free_bytes is None else free_bytes)
     except OSError:
         return "free space unknown"
     for unit in ("bytes", "KB", "MB", "GB"):
@@ -213,7 +214,7 @@ def check_output_file(
             free = need_bytes  # unknown: let the write itself report
         if free < need_bytes:
             raise FewLabelError(
-                f"Not enough space for {out} ({_free_space(_folder(out))}; it needs about "
+                f"Not enough space for {out} ({_free_space(_folder(out), free)}; it needs about "
                 f"{need_bytes / 1e6:.0f} MB): free some space or choose another {option}."
             )
     return out
