@@ -11,7 +11,9 @@ Subcommands (each in its own ``_cmd_*`` function, registered in :func:`main`):
   ``torchrun --nproc_per_node=N``); drasclr: the 3D encoder for emphysema subtypes.
 * ``fewlabel adapt SOURCE_MODEL --target CT... --source MRI... --out adapted.safetensors`` --
   adapt an MRI model to CT without CT labels (Dou et al. 2018).
-* ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume.
+* ``fewlabel predict MODEL IMAGE --out mask.nii.gz`` -- segment a whole volume;
+  ``fewlabel predict MODEL SCAN... --out-dir DIR`` -- a cohort: one mask per scan and
+  a summary table, resumable, also under ``torchrun --nproc_per_node=N``.
 * ``fewlabel suggest MODEL IMAGE [--labels LABELS] [--n 5]`` -- the unlabelled
   slices to label next (where the two streams disagree most).
 * ``fewlabel emphysema CT --out DIR [--subtype-labels LABELS]`` -- lung masks and
@@ -28,6 +30,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -609,8 +612,7 @@ class _ProgressBar:
         if event.eta_s is not None:  # a time budget can end a run long before its steps
             elapsed = time.monotonic() - self.started
             frac = max(frac, elapsed / max(1e-9, elapsed + event.eta_s))
-        filled = round(self.width * frac)
-        parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {event.step}/{event.total}"]
+        parts = [self._bar(frac, event.step, event.total)]
         if "wasserstein" in event.losses:  # adaptation: the critic's estimate and the DAM loss
             parts.append(f"Wasserstein {event.losses['wasserstein']:.3f}")
             if "dam" in event.losses:
@@ -626,7 +628,18 @@ class _ProgressBar:
         if event.eta_s is not None:
             parts.append(f"ETA {_duration(event.eta_s)}")
         parts.append(event.device)
-        line = "  ".join(parts)
+        self._draw(frac, "  ".join(parts))
+
+    def count(self, step: int, total: int, text: str) -> None:
+        """``[####....] step/total  text``: progress over items (scans)."""
+        frac = step / max(1, total)
+        self._draw(frac, f"{self._bar(frac, step, total)}  {text}")
+
+    def _bar(self, frac: float, step: int, total: int) -> str:
+        filled = round(self.width * frac)
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}"
+
+    def _draw(self, frac: float, line: str) -> None:
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self.open_line = True
@@ -963,12 +976,28 @@ def _as_ct(volume: Any) -> Any:
 
 # ------------------------------------------------------------------- predict
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="segment a whole volume with a model")
+    p = sub.add_parser(
+        "predict",
+        help="segment a whole volume, or many, with a model",
+        description="Segment one scan (--out mask.nii.gz) or many (--out-dir DIR: one "
+        "<name>_mask.nii.gz per scan, summary.csv and summary.json; masks already there are "
+        "skipped, so a stopped run resumes). Under `torchrun --nproc_per_node=N` the scans "
+        "are shared among the N processes.",
+    )
     p.add_argument("model", help="model name or .safetensors path")
     p.add_argument(
-        "image", type=Path, help="the scan (NIfTI, NRRD, MetaImage, InVesalius or a DICOM folder)"
+        "scans",
+        nargs="+",
+        type=Path,
+        metavar="SCAN",
+        help="scan files (NIfTI, NRRD, MetaImage, InVesalius), DICOM folders (a folder of "
+        "several series gives a mask per series), or .txt files listing them one a line",
     )
-    p.add_argument("--out", type=Path, required=True, help="mask to write (.nii.gz)")
+    outs = p.add_mutually_exclusive_group()
+    outs.add_argument("--out", type=Path, help="mask to write for one scan (.nii.gz)")
+    outs.add_argument(
+        "--out-dir", type=Path, help="folder for the masks and the summary of many scans"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the model's)")
     p.add_argument(
@@ -982,18 +1011,43 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.out_dir is not None:
+        return _predict_cohort(args)
+    if len(args.scans) > 1:
+        raise FewLabelError(
+            f"{len(args.scans)} scans need --out-dir DIR (one mask each), not --out: e.g. "
+            "--out-dir masks."
+        )
+    if args.out is None:
+        raise FewLabelError(
+            "Say where to write: --out mask.nii.gz for one scan, or --out-dir DIR for a mask "
+            "per scan and a summary."
+        )
+    if args.scans[0].name.lower().endswith(".txt"):
+        raise FewLabelError(
+            f"{args.scans[0]} is a list of scans: give --out-dir DIR (one mask each), not --out."
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FewLabelError(
+            "Under torchrun give --out-dir DIR (the scans are shared among the processes); "
+            "--out predicts one scan in one process."
+        )
+    return _predict_one(args, args.scans[0])
+
+
+def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
     from napari_fewlabel.io.atomic import check_output_file
     from napari_fewlabel.models.registry import resolve_model
 
     check_output_file(args.out, _MASK_SUFFIXES)
     model_path = resolve_model(args.model)
-    _check_inputs_exist(args.image)
+    _check_inputs_exist(image_path)
 
     from napari_fewlabel.infer.predict import predict_volume  # imports torch
     from napari_fewlabel.models.checkpoint import load_checkpoint
 
     model = load_checkpoint(model_path)
-    image = load_volume(args.image)
+    image = load_volume(image_path)
     start = time.perf_counter()
     labels = predict_volume(
         model,
@@ -1013,6 +1067,64 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.1f} s). Voxels per class: {found or 'none'}."
     )
     return 0
+
+
+def _predict_cohort(args: argparse.Namespace) -> int:
+    """`predict SCAN... --out-dir DIR`: the library's cohort run, with a progress bar."""
+    from napari_fewlabel.io.atomic import check_output_folder
+    from napari_fewlabel.models.registry import resolve_model
+
+    out_dir = check_output_folder(args.out_dir, option="--out-dir")
+    model_path = resolve_model(args.model)
+
+    from napari_fewlabel.infer import cohort  # imports torch
+    from napari_fewlabel.models.checkpoint import load_checkpoint
+
+    with cohort.torchrun_ranks(args.device) as ranks:
+        if not ranks.is_main:  # the other ranks print errors only
+            logging.getLogger().setLevel(logging.ERROR)
+        scans = cohort.find_scans_once(args.scans, ranks)
+        model = load_checkpoint(model_path)
+        bar = _ProgressBar(sys.stderr) if ranks.is_main else None
+        share = f" (rank 0 of {ranks.world_size})" if ranks.world_size > 1 else ""
+
+        def show(result: Any, handled: int, total: int) -> None:
+            assert bar is not None
+            if result.status == "failed":
+                bar.message(f"failed: {result.scan}: {result.reason}")
+            elapsed = time.monotonic() - bar.started
+            eta = elapsed / handled * (total - handled)
+            bar.count(handled, total, f"scans{share}" + (f"  ETA {_duration(eta)}" if eta else ""))
+
+        summary = cohort.predict_cohort(
+            model,
+            scans,
+            out_dir,
+            device=args.device,
+            axis=args.axis,
+            batch_size=args.batch_size,
+            test_time_flips=args.flips,
+            ranks=ranks,
+            on_result=show if bar is not None else None,
+            details={"model": str(model_path)},
+        )
+        if bar is not None:
+            bar.finish()
+    if ranks.is_main:
+        done, skipped = summary.count("done"), summary.count("skipped")
+        procs = f" in {ranks.world_size} processes" if ranks.world_size > 1 else ""
+        print(
+            f"{len(summary.results)} scans: {done} segmented, {skipped} skipped, "
+            f"{len(summary.failed)} failed ({summary.seconds:.1f} s{procs}). Masks, "
+            f"{cohort.SUMMARY_CSV} and {cohort.SUMMARY_JSON} in {summary.out_dir}."
+        )
+        if summary.failed:
+            print(f"fewlabel: {len(summary.failed)} scan(s) failed:", file=sys.stderr)
+            for r in summary.failed:
+                print(f"  {r.scan}: {r.reason}", file=sys.stderr)
+    # Only rank 0 says how the cohort went: torchrun stops the other ranks as soon as one
+    # exits with an error, which must not cut rank 0 short of its report.
+    return 0 if summary.ok or not ranks.is_main else EXIT_USER_ERROR
 
 
 # ------------------------------------------------------------------- suggest

@@ -3,6 +3,8 @@
 * Files are grouped by SeriesInstanceUID (and orientation, so a localizer
   stored in the same series does not join the stack); the largest group wins
   and the others are listed in ``Volume.header["other_series"]``.
+  :func:`list_dicom_series` lists every series of a study folder, and the
+  readers take a ``series_uid`` to read one of them instead of the largest.
 * Slices are sorted by their position along the slice normal
   (``dot(ImagePositionPatient, row_cosines x column_cosines)``), never by file
   name or InstanceNumber, and must be evenly spaced: a gap means missing files.
@@ -111,9 +113,82 @@ def folder_has_dicom(folder: Path, limit: int = 200) -> bool:
     return False
 
 
-def read_dicom_header(folder: Path) -> ScanHeader:
-    """The geometry of the largest DICOM series under ``folder``; no pixel data is decoded."""
-    series = _find_series(folder)
+@dataclass(frozen=True)
+class DicomSeriesInfo:
+    """One series of a study folder, as :func:`list_dicom_series` finds it (no pixels read).
+
+    Attributes
+    ----------
+    uid : str
+        SeriesInstanceUID ("" when the files have none); pass it as ``series_uid``.
+    number : str
+        SeriesNumber, "" when absent.
+    description : str
+        SeriesDescription, "" when absent.
+    modality : str
+        Modality tag, "" when absent.
+    images : int
+        Images in its largest stack (one orientation and image size): what the
+        readers would stack. A localizer has 1 to 3.
+    """
+
+    uid: str
+    number: str
+    description: str
+    modality: str
+    images: int
+
+    @property
+    def label(self) -> str:
+        """``"#3 T1 axial"``, ``"#3"``, ``"T1 axial"`` or the UID."""
+        text = " ".join(
+            p for p in (f"#{self.number}" if self.number else "", self.description) if p
+        )
+        return text or self.uid or "unnamed"
+
+
+def list_dicom_series(folder: Path) -> list[DicomSeriesInfo]:
+    """Every DICOM series under ``folder`` (searched recursively), by series number.
+
+    Only headers are read, under the same limits as the readers (at most
+    :data:`MAX_FILES` files, damaged elements skipped). Read one of them with
+    ``read_dicom_series(folder, series_uid=info.uid)``.
+
+    Raises
+    ------
+    FewLabelError
+        No DICOM image with a geometry under ``folder``, or too many files.
+    """
+    by_uid: dict[str, dict[tuple[Any, ...], list[_Slice]]] = {}
+    for s in _slices_under(folder):
+        by_uid.setdefault(s.series_uid, {}).setdefault(s.group_key(), []).append(s)
+    found = []
+    for uid, groups in by_uid.items():
+        largest = max(groups.values(), key=len)
+        tags = largest[0].tags
+        found.append(
+            DicomSeriesInfo(
+                uid=uid,
+                number=tags.get("SeriesNumber", ""),
+                description=tags.get("SeriesDescription", ""),
+                modality=tags.get("Modality", ""),
+                images=len(largest),
+            )
+        )
+
+    def order(info: DicomSeriesInfo) -> tuple[int, float, str, str]:
+        try:
+            return (0, float(info.number), info.description, info.uid)
+        except ValueError:
+            return (1, 0.0, info.description, info.uid)
+
+    return sorted(found, key=order)
+
+
+def read_dicom_header(folder: Path, series_uid: str | None = None) -> ScanHeader:
+    """The geometry of the largest DICOM series under ``folder`` (or of ``series_uid``);
+    no pixel data is decoded."""
+    series = _find_series(folder, series_uid)
     first = series.slices[0]
     return ScanHeader(
         path=str(folder),
@@ -127,9 +202,11 @@ def read_dicom_header(folder: Path) -> ScanHeader:
     )
 
 
-def read_dicom_series(folder: Path) -> Volume:
-    """Read the largest DICOM series under ``folder`` (searched recursively)."""
-    series = _find_series(folder)
+def read_dicom_series(folder: Path, series_uid: str | None = None) -> Volume:
+    """Read the largest DICOM series under ``folder`` (searched recursively), or the
+    series ``series_uid`` (from :func:`list_dicom_series`); its other series are then
+    listed in ``header["other_series"]`` as usual."""
+    series = _find_series(folder, series_uid)
     chosen, first = series.slices, series.slices[0]
     image = _read_pixels([s.path for s in chosen], folder)
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
@@ -171,18 +248,33 @@ class _Series:
         return header
 
 
-def _find_series(folder: Path) -> _Series:
-    """Group the headers under ``folder``, keep the largest series, check it can be stacked."""
+def _slices_under(folder: Path) -> list[_Slice]:
+    """The image headers under ``folder`` that carry a geometry; refuses a folder without."""
     slices = [s for s in (_read_slice_header(p) for p in _walk_files(folder)) if s is not None]
     if not slices:
         raise FewLabelError(
             f"No DICOM images with position and orientation found in {folder}: choose the "
             "folder that holds the series' image files (not a DICOMDIR or report folder)."
         )
+    return slices
+
+
+def _find_series(folder: Path, series_uid: str | None = None) -> _Series:
+    """Group the headers under ``folder``, keep the largest series (or the largest stack of
+    ``series_uid``), check it can be stacked."""
+    slices = _slices_under(folder)
     groups: dict[tuple[Any, ...], list[_Slice]] = {}
     for s in slices:
         groups.setdefault(s.group_key(), []).append(s)
     ranked = sorted(groups.values(), key=len, reverse=True)
+    if series_uid is not None:
+        # The asked-for series first (its largest stack), the others after it as usual.
+        ranked.sort(key=lambda g: g[0].series_uid != series_uid)
+        if ranked[0][0].series_uid != series_uid:
+            raise FewLabelError(
+                f"No DICOM series {series_uid} in {folder}: its files were moved or deleted; "
+                "list the folder's series again."
+            )
     chosen = ranked[0]
     others = _describe_others(ranked[1:])
     _check_same_pixel_format(chosen, folder)
