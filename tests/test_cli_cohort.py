@@ -180,6 +180,20 @@ def test_a_list_file(model_path, scans, tmp_path):
     assert {r["status"] for r in rows} == {"done"}
 
 
+def test_a_folder_of_scan_files_gives_each_of_them(model_path, scans, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i, scan in enumerate(scans[:2]):
+        shutil.copy(scan, folder / f"{i}_{Path(scan).name}")
+    (folder / "notes.txt").write_text("not a scan")
+    out = tmp_path / "out"
+    assert _run(model_path, folder, "--out-dir", out) == 0
+    rows = _summary(out)["results"]
+    assert [Path(r["mask"]).name for r in rows] == [
+        "0_KmeansTest_T1UCharRaw_mask.nii.gz", "1_anatomical_mask.nii.gz"
+    ]  # fmt: skip
+
+
 def test_a_study_folder_gives_a_mask_per_series(model_path, study, tmp_path, capsys):
     series = list_dicom_series(study)
     assert [(s.number, s.description, s.images) for s in series] == [

@@ -42,7 +42,12 @@ import torch.distributed as dist
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import MaskInfo, load_volume, read_mask_info, read_scan_header, save_labels
 from napari_fewlabel.io.atomic import atomic_path, remove_stale_temp_files
-from napari_fewlabel.io.dicom import list_dicom_series, read_dicom_header, read_dicom_series
+from napari_fewlabel.io.dicom import (
+    folder_has_dicom,
+    list_dicom_series,
+    read_dicom_header,
+    read_dicom_series,
+)
 from napari_fewlabel.io.header import ScanHeader
 from napari_fewlabel.io.invesalius import INVESALIUS_SUFFIX
 from napari_fewlabel.io.itk import ITK_SUFFIXES
@@ -62,7 +67,8 @@ MIN_SERIES_IMAGES = 2
 #: How long a rank that finished its share waits for the others at the final gather
 #: (gloo and NCCL give up after 30 minutes by default; shares can differ by hours).
 GATHER_TIMEOUT = datetime.timedelta(days=7)
-_SCAN_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES, INVESALIUS_SUFFIX, ".dcm")
+_FILE_SUFFIXES = (*NIFTI_SUFFIXES, *ITK_SUFFIXES, INVESALIUS_SUFFIX)
+_SCAN_SUFFIXES = (*_FILE_SUFFIXES, ".dcm")
 _MAX_NAME = 120
 
 Status = Literal["done", "skipped", "failed"]
@@ -120,9 +126,10 @@ def find_scans(inputs: Iterable[str | os.PathLike[str]]) -> list[Scan]:
         Scan files (NIfTI, NRRD, MetaImage, InVesalius), DICOM folders (a
         folder holding several series gives one scan per series; series of a
         single image, localizers, are listed as skipped), ``.dcm`` files (their
-        folder), or ``.txt`` files listing such paths one a line (blank lines
-        and lines starting with ``#`` are ignored; relative paths are relative
-        to the list file).
+        folder), folders of scan files without DICOM (each file in it, not in
+        its subfolders), or ``.txt`` files listing such paths one a line (blank
+        lines and lines starting with ``#`` are ignored; relative paths are
+        relative to the list file).
 
     Raises
     ------
@@ -182,6 +189,12 @@ def _read_list(path: Path, lists: tuple[Path, ...]) -> list[Scan]:
 
 
 def _series_in(folder: Path) -> list[Scan]:
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.name.lower().endswith(_FILE_SUFFIXES) and not p.name.startswith(".")
+    )  # fmt: skip
+    if files and not folder_has_dicom(folder):
+        return [Scan(p) for p in files]  # a folder of scan files: each of them
     try:
         series = list_dicom_series(folder)
     except FewLabelError as exc:
