@@ -114,7 +114,8 @@ def test_three_scans_and_a_corrupt_one(model_path, scans, tmp_path, capsys):
         assert row["mask"] == str(out / name)
         assert mask.shape == image.shape == tuple(row["shape"])
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-4)
-        assert [c["name"] for c in read_mask_info(out / name).classes][1:] == list(CLASSES)
+        info = read_mask_info(out / name)
+        assert info is not None and [c["name"] for c in info.classes][1:] == list(CLASSES)
     table = _csv(out)
     assert [r["status"] for r in table] == ["done", "failed", "done", "done"]
     assert list(table[0])[:7] == ["scan", "mask", "status", "reason", "rank", "shape", "spacing_mm"]
