@@ -472,6 +472,8 @@ def predict_cohort(
     model's classes; anything else is predicted again.
     """
     started = time.perf_counter()
+    if batch_size is not None and batch_size < 1:  # not a fault of every scan
+        raise FewLabelError(f"The batch size must be at least 1, got {batch_size}.")
     ranks = ranks or Ranks(0, 1, 0, False)
     out = Path(out_dir).expanduser().absolute()
     if ranks.is_main:
