@@ -44,6 +44,7 @@ import numpy as np
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.atomic import atomic_path
+from napari_fewlabel.io.save import checked_labels
 from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def write_dicom_seg(
     if path.is_dir():
         raise FewLabelError(f"{path} is a folder: give a file name ending in {SEG_SUFFIX}.")
     source = _source_series(like, source_folder)
-    labels = _check_labels(labels, like)
+    labels = checked_labels(labels, like)
     numbered = _segment_classes(classes)
     top = int(labels.max(initial=0))
     if top > len(numbered):
@@ -353,31 +354,6 @@ def _source_series(like: Volume, source_folder: str | Path | None) -> _Source:
             "DICOM SEG cannot tell them apart; remove the copies or export NIfTI instead."
         )
     return _Source(folder=folder, datasets=datasets)
-
-
-def _check_labels(labels: np.ndarray, like: Volume) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.shape != like.shape:
-        raise FewLabelError(
-            f"The labels have shape {labels.shape} but the scan has {like.shape}: export a "
-            "labels layer drawn on this scan (create it from the image, not by hand)."
-        )
-    if labels.dtype.kind == "b":
-        return labels.astype(np.uint8)
-    if labels.dtype.kind == "f":
-        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
-            raise FewLabelError(
-                "The labels contain fractional or non-finite values: a mask must hold whole "
-                "class numbers (0 = background)."
-            )
-    elif labels.dtype.kind not in "iu":
-        raise FewLabelError(f"Labels of type {labels.dtype} cannot be saved as a DICOM SEG.")
-    if labels.min(initial=0) < 0:
-        raise FewLabelError(
-            "The labels contain negative values: use 0 for background and 1, 2, ... for classes."
-        )
-    top = int(labels.max(initial=0))
-    return labels.astype(np.uint8 if top <= 255 else np.uint16, copy=False)
 
 
 def _segment_classes(

@@ -39,6 +39,21 @@ def save_labels(
         written (the message says what to do).
     """
     path = _nifti_path(path)
+    labels = checked_labels(labels, like)
+    extensions = []
+    if info is not None and not info.is_empty:
+        info.check_fits(labels.shape)
+        extensions.append(nifti_extension(info))
+    file_array = like.to_file_grid(labels)
+    write_nifti(file_array, like, path, is_label=True, extensions=extensions)
+    return path
+
+
+def checked_labels(labels: np.ndarray, like: Volume) -> np.ndarray:
+    """``labels`` as a whole-number unsigned array that fits ``like``, or a FewLabelError.
+
+    Shared by every mask writer (NIfTI here, DICOM SEG in :mod:`.dicom_seg`).
+    """
     labels = np.asarray(labels)
     if labels.shape != like.shape:
         raise FewLabelError(
@@ -61,14 +76,7 @@ def save_labels(
             f"The labels contain negative values ({lo}): use 0 for background and "
             "1, 2, ... for classes."
         )
-    extensions = []
-    if info is not None and not info.is_empty:
-        info.check_fits(labels.shape)
-        extensions.append(nifti_extension(info))
-    dtype = smallest_label_dtype(int(labels.max(initial=0)))
-    file_array = like.to_file_grid(labels.astype(dtype, copy=False))
-    write_nifti(file_array, like, path, is_label=True, extensions=extensions)
-    return path
+    return labels.astype(smallest_label_dtype(int(labels.max(initial=0))), copy=False)
 
 
 def save_image(volume: Volume, path: str | Path) -> Path:
