@@ -230,6 +230,81 @@ def test_a_real_dicom_study_with_a_scout(model_path, tmp_path):
     assert tuple(rows[1]["shape"]) == read_dicom_series(study, None).shape == (5, 16, 16)
 
 
+def test_seg_masks_of_a_study_match_the_nifti_masks_and_resume(
+    model_path, study, scans, tmp_path, capsys
+):
+    """--format seg: a DICOM SEG per series on the NIfTI run's voxels; a NIfTI scan fails."""
+    import pydicom
+
+    from napari_fewlabel.io.dicom_seg import read_dicom_seg
+
+    nifti_out, seg_out = tmp_path / "nifti", tmp_path / "seg"
+    assert _run(model_path, study, "--out-dir", nifti_out) == 0
+    assert _run(model_path, study, scans[1], "--out-dir", seg_out, "--format", "seg") == 2
+    assert "1 failed" in capsys.readouterr().out
+    rows = _summary(seg_out)["results"]
+    assert [r["status"] for r in rows] == ["skipped", "done", "done", "failed"]
+    assert "not a DICOM series" in rows[3]["reason"] and "--format nifti" in rows[3]["reason"]
+    assert [Path(r["mask"]).name for r in rows[1:3]] == [
+        "study_s2_Chest_CT_seg.dcm", "study_s3_Chest_CT_thin_seg.dcm"
+    ]  # fmt: skip
+    nifti_rows = _summary(nifti_out)["results"]
+    for info, row, nifti_row in zip(list_dicom_series(study)[1:], rows[1:3], nifti_rows[1:],
+                                    strict=True):  # fmt: skip
+        scan = read_dicom_series(study, info.uid)
+        seg = pydicom.dcmread(row["mask"])
+        assert seg.Modality == "SEG"
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == info.uid
+        assert [s.SegmentLabel for s in seg.SegmentSequence] == list(CLASSES)
+        assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"AUTOMATIC"}
+        np.testing.assert_array_equal(
+            read_dicom_seg(row["mask"], scan), load_volume(nifti_row["mask"]).array
+        )
+        assert row["voxels"] == nifti_row["voxels"] and row["ml"] == nifti_row["ml"]
+    first = Path(rows[1]["mask"]).stat().st_mtime_ns
+    Path(rows[2]["mask"]).write_bytes(b"DICM half a file")  # a damaged SEG is redone
+    assert _run(model_path, study, "--out-dir", seg_out, "--format", "seg") == 0
+    again = _summary(seg_out)["results"]
+    assert [(r["status"], r["reason"]) for r in again] == [
+        ("skipped", again[0]["reason"]), ("skipped", "mask exists"), ("done", "")
+    ]  # fmt: skip
+    assert Path(rows[1]["mask"]).stat().st_mtime_ns == first
+    assert again[1]["voxels"] == rows[1]["voxels"]  # measured from the SEG read back
+    assert pydicom.dcmread(rows[2]["mask"]).Modality == "SEG"
+    assert _no_temp_files(seg_out)
+
+
+def test_one_dicom_scan_to_a_seg_file(model_path, study, tmp_path, capsys):
+    from napari_fewlabel.io.dicom_seg import read_dicom_seg
+
+    folder = study / "b"  # one series
+    out = tmp_path / "mask.dcm"
+    assert _run(model_path, folder, "--out", out) == 0
+    assert "Wrote" in capsys.readouterr().out
+    nifti = tmp_path / "mask.nii.gz"
+    assert _run(model_path, folder, "--out", nifti) == 0
+    np.testing.assert_array_equal(
+        read_dicom_seg(out, load_volume(folder)), load_volume(nifti).array
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{dicom}", "--out", "{tmp}/m.nii.gz", "--format", "seg"], "does not match --out"),
+        (["{dicom}", "--out", "{tmp}/m.dcm", "--format", "nifti"], "does not match --out"),
+        (["{nifti}", "--out", "{tmp}/m.dcm"], "is not a DICOM series"),
+        (["{nifti}", "--out", "{tmp}/m.seg"], ".nii.gz"),
+    ],
+)
+def test_seg_user_errors(args, message, model_path, scans, study, tmp_path, capsys):
+    filled = [a.format(dicom=study / "a", nifti=scans[1], tmp=tmp_path) for a in args]
+    assert main(["predict", str(model_path), *filled]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
 def test_mask_names_are_safe_and_unique(tmp_path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()

@@ -55,8 +55,9 @@ from napari_fewlabel.io import (
 )
 
 EXIT_USER_ERROR = 2
-#: What `predict` may write a mask as.
+#: What `predict` may write a mask as (.dcm: a DICOM SEG of a DICOM series).
 _MASK_SUFFIXES = (".nii.gz", ".nii")
+_SEG_SUFFIXES = (".dcm",)
 _MODEL_SUFFIXES = (".safetensors",)
 #: Free space a trained model needs beside its --out (the default networks write 2-10 MB,
 #: and pretraining a resume state beside it): refused before training, not after.
@@ -979,9 +980,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="segment a whole volume, or many, with a model",
-        description="Segment one scan (--out mask.nii.gz) or many (--out-dir DIR: one "
-        "<name>_mask.nii.gz per scan, summary.csv and summary.json; masks already there are "
-        "skipped, so a stopped run resumes). Under `torchrun --nproc_per_node=N` the scans "
+        description="Segment one scan (--out mask.nii.gz, or --out seg.dcm for a DICOM SEG "
+        "of a DICOM series) or many (--out-dir DIR: one <name>_mask.nii.gz, or with --format "
+        "seg one <name>_seg.dcm, per scan, summary.csv and summary.json; masks already there "
+        "are skipped, so a stopped run resumes). Under `torchrun --nproc_per_node=N` the scans "
         "are shared among the N processes.",
     )
     p.add_argument("model", help="model name or .safetensors path")
@@ -994,9 +996,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "several series gives a mask per series), or .txt files listing them one a line",
     )
     outs = p.add_mutually_exclusive_group()
-    outs.add_argument("--out", type=Path, help="mask to write for one scan (.nii.gz)")
+    outs.add_argument(
+        "--out", type=Path, help="mask to write for one scan (.nii.gz; .dcm: DICOM SEG)"
+    )
     outs.add_argument(
         "--out-dir", type=Path, help="folder for the masks and the summary of many scans"
+    )
+    p.add_argument(
+        "--format",
+        choices=("nifti", "seg"),
+        help="mask format: nifti (default) or seg, a DICOM SEG referencing the scan's DICOM "
+        "series (DICOM scans only); with --out the suffix decides",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), help="slice axis (default: the model's)")
@@ -1039,9 +1049,20 @@ def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
     from napari_fewlabel.io.atomic import check_output_file
     from napari_fewlabel.models.registry import resolve_model
 
-    check_output_file(args.out, _MASK_SUFFIXES)
+    as_seg = args.out.name.lower().endswith(_SEG_SUFFIXES)
+    if args.format is not None and (args.format == "seg") != as_seg:
+        raise FewLabelError(
+            f"--format {args.format} does not match --out {args.out.name}: a DICOM SEG is "
+            "written to a .dcm file, a NIfTI mask to .nii.gz (or leave out --format)."
+        )
+    check_output_file(args.out, _MASK_SUFFIXES + _SEG_SUFFIXES)
     model_path = resolve_model(args.model)
     _check_inputs_exist(image_path)
+    if as_seg and not image_path.is_dir() and not image_path.name.lower().endswith(".dcm"):
+        raise FewLabelError(
+            f"{image_path} is not a DICOM series, and a DICOM SEG can only reference one: "
+            "write a NIfTI mask (--out mask.nii.gz), or give the scan's DICOM folder."
+        )
 
     from napari_fewlabel.infer.predict import predict_volume  # imports torch
     from napari_fewlabel.models.checkpoint import load_checkpoint
@@ -1057,7 +1078,13 @@ def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
         device=args.device,
         test_time_flips=args.flips,
     )
-    save_labels(labels, like=image, path=args.out, info=MaskInfo.of_classes(model.card.classes))
+    if as_seg:
+        from napari_fewlabel.io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(labels, image, args.out, model.card.classes, algorithm_type="AUTOMATIC")
+    else:
+        info = MaskInfo.of_classes(model.card.classes)
+        save_labels(labels, like=image, path=args.out, info=info)
     counts = np.bincount(labels.ravel(), minlength=len(model.card.classes))
     found = ", ".join(
         f"{c.name} {int(counts[c.index])}" for c in model.card.classes[1:] if counts[c.index]
@@ -1100,6 +1127,7 @@ def _predict_cohort(args: argparse.Namespace) -> int:
             model,
             scans,
             out_dir,
+            mask_format=cohort.MASK_FORMATS[args.format or "nifti"],
             device=args.device,
             axis=args.axis,
             batch_size=args.batch_size,

@@ -16,7 +16,13 @@ from napari_fewlabel.data.classes import named_classes
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import Volume, load_volume, save_labels
 from napari_fewlabel.io.atomic import TEMP_MARK
-from napari_fewlabel.io.dicom_seg import read_dicom_seg, write_dicom_seg
+from napari_fewlabel.io.dicom import read_dicom_header
+from napari_fewlabel.io.dicom_seg import (
+    read_dicom_seg,
+    read_segment_labels,
+    segment_labels,
+    write_dicom_seg,
+)
 from napari_fewlabel.io.volume import RAS_FROM_LPS
 
 CLASSES = named_classes(["background", "liver", "tumour", "vessel"])
@@ -104,6 +110,29 @@ def test_seg_round_trip_matches_the_labels_and_the_nifti_export(tmp_path, orient
     # Independent of our mapping: each set SEG pixel, placed by the SEG's own plane
     # positions, is where the Volume's affine puts the labelled voxel.
     assert _seg_world_voxels(seg_path) == _display_world_voxels(labels, scan)
+
+
+@pytest.mark.parametrize("orientation", ["sagittal", "oblique"])
+def test_reading_needs_the_scan_header_only(tmp_path, orientation):
+    """Resuming a cohort reads a SEG back on the series' header, without its pixels."""
+    series = _series(tmp_path / "ct", orientation)
+    scan = load_volume(series.folder)
+    labels = _labels(scan.shape)
+    seg_path = write_dicom_seg(labels, scan, tmp_path / "seg.dcm", CLASSES)
+    header = read_dicom_header(series.folder)
+    assert np.array_equal(read_dicom_seg(seg_path, header), labels)
+    assert read_segment_labels(seg_path) == segment_labels(CLASSES) == ("liver", "tumour", "vessel")
+
+
+def test_a_damaged_seg_is_a_clear_error(tmp_path):
+    scan = load_volume(_series(tmp_path / "ct").folder)
+    seg_path = write_dicom_seg(_labels(scan.shape), scan, tmp_path / "seg.dcm", CLASSES)
+    seg_path.write_bytes(seg_path.read_bytes()[:300])  # cut short, as by a full disk
+    with pytest.raises(FewLabelError, match=r"Cannot read .*seg\.dcm as a DICOM SEG"):
+        read_dicom_seg(seg_path, scan)
+    (tmp_path / "not.dcm").write_bytes(b"no DICOM here")
+    with pytest.raises(FewLabelError, match="choose a segmentation file"):
+        read_segment_labels(tmp_path / "not.dcm")
 
 
 @pytest.mark.parametrize("orientation", ["axial", "axial flipped"])

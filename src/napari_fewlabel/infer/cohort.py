@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import MaskInfo, load_volume, read_mask_info, read_scan_header, save_labels
 from napari_fewlabel.io.atomic import atomic_path, remove_stale_temp_files
@@ -253,6 +254,10 @@ class StoredMask:
     class_names: tuple[str, ...] | None
 
 
+def _names_as_given(classes: Sequence[SegmentationClass]) -> tuple[str, ...]:
+    return tuple(c.name for c in classes)
+
+
 @dataclass(frozen=True)
 class MaskFormat:
     """How masks are written and read back (for resuming).
@@ -266,20 +271,29 @@ class MaskFormat:
         ``write(labels, scan_volume, path, info)``: write ``labels`` ``(z, y, x)`` on
         the scan's geometry so that the file appears at ``path`` complete or not at all.
     read : callable
-        ``read(path) -> StoredMask``; raises on a damaged file.
+        ``read(path, scan_header) -> StoredMask``; raises FewLabelError on a damaged
+        file or one that does not belong to the scan.
+    stored_names : callable
+        ``stored_names(classes)``: the class names a complete mask of these classes
+        stores (compared with :attr:`StoredMask.class_names` when resuming).
+    check_scan : callable, optional
+        ``check_scan(scan)`` raises FewLabelError before prediction for a scan this
+        format cannot describe (a DICOM SEG needs a DICOM series).
     """
 
     name: str
     suffix: str
     write: Callable[[np.ndarray, Volume, Path, MaskInfo], object]
-    read: Callable[[Path], StoredMask]
+    read: Callable[[Path, ScanHeader], StoredMask]
+    stored_names: Callable[[Sequence[SegmentationClass]], tuple[str, ...]] = _names_as_given
+    check_scan: Callable[[Scan], None] | None = None
 
 
 def _write_nifti(labels: np.ndarray, like: Volume, path: Path, info: MaskInfo) -> Path:
     return save_labels(labels, like=like, path=path, info=info)
 
 
-def _read_nifti(path: Path) -> StoredMask:
+def _read_nifti(path: Path, header: ScanHeader) -> StoredMask:
     info = read_mask_info(path)
     names = tuple(str(c["name"]) for c in info.classes) if info and info.classes else None
     mask = load_volume(path)
@@ -288,6 +302,42 @@ def _read_nifti(path: Path) -> StoredMask:
 
 #: NIfTI masks with the class names in a header extension (what ``fewlabel predict`` writes).
 NIFTI = MaskFormat("nifti", "_mask.nii.gz", _write_nifti, _read_nifti)
+
+
+def _write_seg(labels: np.ndarray, like: Volume, path: Path, info: MaskInfo) -> Path:
+    from napari_fewlabel.io.dicom_seg import write_dicom_seg
+
+    return write_dicom_seg(labels, like, path, info.classes, algorithm_type="AUTOMATIC")
+
+
+def _read_seg(path: Path, header: ScanHeader) -> StoredMask:
+    from napari_fewlabel.io.dicom_seg import read_dicom_seg, read_segment_labels
+
+    labels = read_dicom_seg(path, header)
+    return StoredMask(labels, header.display_geometry()[1], read_segment_labels(path))
+
+
+def _seg_names(classes: Sequence[SegmentationClass]) -> tuple[str, ...]:
+    from napari_fewlabel.io.dicom_seg import segment_labels
+
+    return segment_labels(classes)
+
+
+def _needs_dicom(scan: Scan) -> None:
+    if scan.series_uid is None:
+        raise FewLabelError(
+            f"{scan.path} is not a DICOM series, and a DICOM SEG can only reference one: "
+            "segment it with --format nifti (or give its DICOM folder)."
+        )
+
+
+#: DICOM Segmentation objects referencing each scan's source series (DICOM scans only).
+#: Segments are numbered by class index and labelled with the class names; the
+#: algorithm type is AUTOMATIC (a cohort is predicted without a person's edits).
+DICOM_SEG = MaskFormat("seg", "_seg.dcm", _write_seg, _read_seg, _seg_names, _needs_dicom)
+
+#: The formats by name (``fewlabel predict --format``).
+MASK_FORMATS = {f.name: f for f in (NIFTI, DICOM_SEG)}
 
 
 # ------------------------------------------------------------------ results
@@ -485,6 +535,7 @@ def predict_cohort(
     classes = model.card.classes
     names = [c.name for c in classes]
     info = MaskInfo.of_classes(classes)
+    stored_names = mask_format.stored_names(classes)  # classes it cannot store: fail now
     mine = list(range(ranks.rank, len(scans), ranks.world_size))
     results = []
     for handled, index in enumerate(mine, start=1):
@@ -492,7 +543,7 @@ def predict_cohort(
         t0 = time.perf_counter()
         result = ScanResult(index=index, scan=str(scan), rank=ranks.rank)
         try:
-            _handle(scan, result, out, mask_format, names, info, model, dev,
+            _handle(scan, result, out, mask_format, stored_names, info, model, dev,
                     dict(axis=axis, batch_size=batch_size, test_time_flips=test_time_flips))  # fmt: skip
         except FewLabelError as exc:
             result.status, result.reason = "failed", str(exc)
@@ -522,7 +573,7 @@ def _handle(
     result: ScanResult,
     out: Path,
     fmt: MaskFormat,
-    names: list[str],
+    stored_names: tuple[str, ...],
     info: MaskInfo,
     model: SegmentationModel,
     device: torch.device,
@@ -536,8 +587,11 @@ def _handle(
     if scan.skip is not None:
         result.status, result.reason = "skipped", scan.skip
         return
+    if fmt.check_scan is not None:
+        fmt.check_scan(scan)
+    names = [c.name for c in model.card.classes]
     mask_path = out / (scan.name + fmt.suffix)
-    stored = _done_before(scan, mask_path, fmt, names)
+    stored = _done_before(scan, mask_path, fmt, stored_names)
     if stored is not None:
         result.status, result.reason, result.mask = "skipped", "mask exists", str(mask_path)
         _measure(result, stored.labels, stored.affine, names)
@@ -549,13 +603,15 @@ def _handle(
     _measure(result, labels, volume.affine, names)
 
 
-def _done_before(scan: Scan, mask: Path, fmt: MaskFormat, names: list[str]) -> StoredMask | None:
+def _done_before(
+    scan: Scan, mask: Path, fmt: MaskFormat, stored_names: tuple[str, ...]
+) -> StoredMask | None:
     """The mask at ``mask`` when it is complete and fits the scan and the model, else None."""
     if not mask.is_file():
         return None
     try:
         header = scan.header()
-        stored = fmt.read(mask)
+        stored = fmt.read(mask, header)
     except FewLabelError as exc:
         logger.info("%s is predicted again: %s", mask, exc)
         return None
@@ -564,7 +620,7 @@ def _done_before(scan: Scan, mask: Path, fmt: MaskFormat, names: list[str]) -> S
         np.linalg.norm(stored.affine[:3, :3], axis=0), np.linalg.norm(affine[:3, :3], axis=0),
         rtol=1e-3,
     )  # fmt: skip
-    if stored.labels.shape != shape or not same_spacing or stored.class_names != tuple(names):
+    if stored.labels.shape != shape or not same_spacing or stored.class_names != stored_names:
         logger.info("%s does not fit %s or the model: predicted again", mask, scan)
         return None
     return stored

@@ -44,8 +44,9 @@ import numpy as np
 from napari_fewlabel import __version__
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.atomic import atomic_path
+from napari_fewlabel.io.header import ScanHeader
 from napari_fewlabel.io.save import checked_labels
-from napari_fewlabel.io.volume import RAS_FROM_LPS, Volume
+from napari_fewlabel.io.volume import RAS_FROM_LPS, FileGrid, Volume
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -219,7 +220,7 @@ def write_dicom_seg(
 
 
 def read_dicom_seg(
-    path: str | Path, like: Volume, *, source_folder: str | Path | None = None
+    path: str | Path, like: Volume | ScanHeader, *, source_folder: str | Path | None = None
 ) -> np.ndarray:
     """Read a DICOM SEG of ``like``'s source series as a label map in display orientation.
 
@@ -227,18 +228,12 @@ def read_dicom_seg(
     (0 where no segment), ``uint8`` or wider as needed, shape ``like.shape``.
     Segments must not overlap. The SEG must reference the series ``like`` was
     read from; its frames are matched to the source slices by SOP Instance UID.
+    ``like`` may be the scan's header alone (:func:`~napari_fewlabel.io.dicom.read_dicom_header`):
+    no pixel data of the scan is needed.
     """
-    import highdicom as hd
-
     path = Path(path).expanduser()
     source = _source_series(like, source_folder)
-    try:
-        seg = hd.seg.segread(path)
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise FewLabelError(
-            f"Cannot read {path} as a DICOM SEG ({str(exc).strip()[:200]}): choose a "
-            "segmentation file (Modality SEG)."
-        ) from exc
+    seg = _segread(path)
     series_uid = str(source.datasets[0].SeriesInstanceUID)
     referenced = {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence}
     if series_uid not in referenced:
@@ -263,18 +258,54 @@ def read_dicom_seg(
         ) from exc
     # frames (slice, row, column) -> file grid (column, row, slice) -> display (z, y, x).
     file_labels = np.asarray(frames).transpose(2, 1, 0)
-    return _to_display(file_labels, like)
+    return _to_display(file_labels, _geometry(like)[1])
+
+
+def read_segment_labels(path: str | Path) -> tuple[str, ...]:
+    """The SegmentLabel of each segment of a DICOM SEG, in segment-number order."""
+    seg = _segread(Path(path).expanduser())
+    by_number = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    return tuple(by_number[n] for n in sorted(by_number))
+
+
+def segment_labels(classes: Sequence[ClassLike]) -> tuple[str, ...]:
+    """The SegmentLabel that :func:`write_dicom_seg` gives each class besides background."""
+    return tuple(
+        _segment_label(name, number)
+        for number, (name, _) in enumerate(_segment_classes(classes), start=1)
+    )
+
+
+def _segread(path: Path) -> Any:
+    import highdicom as hd
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return hd.seg.segread(path)
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            InvalidDicomError) as exc:  # fmt: skip
+        raise FewLabelError(
+            f"Cannot read {path} as a DICOM SEG ({str(exc).strip()[:200]}): choose a "
+            "segmentation file (Modality SEG)."
+        ) from exc
 
 
 # ------------------------------------------------------------------ helpers
-def _source_series(like: Volume, source_folder: str | Path | None) -> _Source:
-    """Find the Volume's source slices again, check they are unchanged, read their headers."""
+def _geometry(like: Volume | ScanHeader) -> tuple[Mapping[str, Any], FileGrid]:
+    """The source header and file grid of a scan or of its header."""
+    if isinstance(like, ScanHeader):
+        return like.details, like.file_grid()
+    return like.header, like.grid
+
+
+def _source_series(like: Volume | ScanHeader, source_folder: str | Path | None) -> _Source:
+    """Find the scan's source slices again, check they are unchanged, read their headers."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     from napari_fewlabel.io.dicom import _find_series
 
-    header = like.header
+    header, grid = _geometry(like)
     if header.get("format") != "DICOM":
         raise FewLabelError(
             "DICOM SEG needs a scan read from a DICOM series; export NIfTI instead (this scan "
@@ -314,13 +345,13 @@ def _source_series(like: Volume, source_folder: str | Path | None) -> _Source:
     first = series.slices[0]
     shape = (first.columns, first.rows, len(series.slices))
     affine = RAS_FROM_LPS @ series.lps_affine
-    if shape != tuple(like.grid.shape) or not np.allclose(
-        affine, like.grid.affine, atol=_GEOMETRY_TOLERANCE_MM
+    if shape != tuple(grid.shape) or not np.allclose(
+        affine, grid.affine, atol=_GEOMETRY_TOLERANCE_MM
     ):
         raise FewLabelError(
             f"The DICOM files in {folder} changed since the scan was opened (now "
-            f"{shape[2]} slices of {shape[1]} x {shape[0]}, scan {like.grid.shape[2]} of "
-            f"{like.grid.shape[1]} x {like.grid.shape[0]}, or moved slices): open the scan "
+            f"{shape[2]} slices of {shape[1]} x {shape[0]}, scan {grid.shape[2]} of "
+            f"{grid.shape[1]} x {grid.shape[0]}, or moved slices): open the scan "
             "again and redo the export."
         )
     datasets: list[Dataset] = []
@@ -399,8 +430,8 @@ def _segment_label(name: str, number: int) -> str:
     return (clean or f"class {number}")[:64]
 
 
-def _to_display(file_labels: np.ndarray, like: Volume) -> np.ndarray:
+def _to_display(file_labels: np.ndarray, grid: FileGrid) -> np.ndarray:
     """File grid ``(i, j, k)`` -> display ``(z, y, x)``: the inverse of ``Volume.to_file_grid``."""
     from nibabel import orientations as nio
 
-    return np.ascontiguousarray(nio.apply_orientation(file_labels, like.grid.to_display))
+    return np.ascontiguousarray(nio.apply_orientation(file_labels, grid.to_display))

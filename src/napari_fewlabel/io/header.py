@@ -56,9 +56,13 @@ class ScanHeader:
 
     def display_geometry(self) -> tuple[tuple[int, int, int], np.ndarray]:
         """``(z, y, x)`` shape and ``(z, y, x, 1)`` -> RAS+ affine of the loaded volume."""
-        to_display, display_affine = display_transform(self.file_shape, self.affine)
-        grid = FileGrid(shape=self.file_shape, affine=self.affine, to_display=to_display)
-        return grid.display_shape(), display_affine
+        _, display_affine = display_transform(self.file_shape, self.affine)
+        return self.file_grid().display_shape(), display_affine
+
+    def file_grid(self) -> FileGrid:
+        """The file's voxel grid, as the loaded :class:`~napari_fewlabel.io.Volume` has it."""
+        to_display, _ = display_transform(self.file_shape, self.affine)
+        return FileGrid(shape=self.file_shape, affine=self.affine, to_display=to_display)
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
