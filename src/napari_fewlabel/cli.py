@@ -626,6 +626,8 @@ class _ProgressBar:
             parts.append(f"val Dice {event.val_dice:.3f}")
         if "effective_rank" in event.extra:
             parts.append(f"effective rank {event.extra['effective_rank']:.1f}")
+        if event.note:
+            parts.append(event.note)
         if event.eta_s is not None:
             parts.append(f"ETA {_duration(event.eta_s)}")
         parts.append(event.device)

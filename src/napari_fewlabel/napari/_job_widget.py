@@ -169,6 +169,7 @@ class JobWidget(QWidget):
         if agreement is not None:  # costs no label: the two decoders' labels compared
             plot.add_point("stream agreement", event.step, agreement)
             parts.append(f"stream agreement {agreement:.2f}")
+        parts.append(event.note)
         parts.append(format_eta(event.eta_s))
         status.setText(" · ".join(p for p in parts if p))
         memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""

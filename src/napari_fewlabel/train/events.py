@@ -46,6 +46,8 @@ class Progress:
         Which job is running ("finetune", "pretrain", "adapt", ...).
     extra : mapping
         Method-specific figures (effective rank, Wasserstein estimate, ...).
+    note : str
+        A short state worth showing beside the bar ("converged: finishing early").
     """
 
     step: int
@@ -57,6 +59,7 @@ class Progress:
     memory_mb: float | None = None
     phase: str = "finetune"
     extra: Mapping[str, float] = field(default_factory=dict)
+    note: str = ""
 
 
 @dataclass(frozen=True)

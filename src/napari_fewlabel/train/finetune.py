@@ -25,6 +25,7 @@ gives the settings as published, and the model card records what was used.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,7 @@ from napari_fewlabel.models.checkpoint import (
 )
 from napari_fewlabel.models.registry import resolve_model
 from napari_fewlabel.models.unet2d import TwoStreamUNet, UNetConfig
+from napari_fewlabel.train.convergence import ConvergenceRule, ConvergenceWatch
 from napari_fewlabel.train.device import (
     describe_device,
     memory_mb,
@@ -163,6 +165,11 @@ class FinetuneSettings:
     labelled_plane_share : float
         With ``planes="all"``, the fraction of steps drawn from the labelled
         plane; the two other planes share the rest.
+    stop_when_converged : ConvergenceRule or None
+        Once the streams' agreement and the supervised loss have plateaued by
+        this rule (:mod:`~napari_fewlabel.train.convergence`), run the rest of
+        the schedule faster (twice, by default), so easy scans finish early;
+        ``steps`` stays the upper bound. None always does every step.
     class_balance : float
         Exponent of the supervised cross-entropy's class weights at the first
         step, each class weighted by its share of the slice's labelled pixels
@@ -194,6 +201,7 @@ class FinetuneSettings:
     planes: Literal["labelled", "all", "auto"] = "auto"
     labelled_plane_share: float = 0.5
     class_balance: float = 0.5
+    stop_when_converged: ConvergenceRule | None = None
 
     def __post_init__(self) -> None:
         if self.batch_labelled < 1 or self.batch_unlabelled < 1:
@@ -248,6 +256,8 @@ class FinetuneSettings:
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneSettings:
         kwargs = dict(d)
         kwargs["augment"] = AugmentConfig.from_dict(kwargs.get("augment", {}))
+        if isinstance(kwargs.get("stop_when_converged"), Mapping):
+            kwargs["stop_when_converged"] = ConvergenceRule(**kwargs["stop_when_converged"])
         return cls(**kwargs)
 
     def differences_from_paper(self, in_slices: int) -> list[str]:
@@ -286,6 +296,11 @@ class FinetuneSettings:
         if self.encoder_frozen_for > 0:
             out.append(
                 f"a trained encoder frozen for the first {self.encoder_frozen_for:.0%} of steps"
+            )
+        if self.stop_when_converged is not None:
+            out.append(
+                f"the rest of the schedule runs {self.stop_when_converged.speedup:g}x faster "
+                "once the streams' agreement and the loss have plateaued"
             )
         return out
 
@@ -572,28 +587,53 @@ def _model_card(
 
 
 class _Clock:
-    """Progress through the run: by steps, or by elapsed time under a time budget."""
+    """Progress through the run: by steps, or by elapsed time under a time budget.
+
+    After :meth:`hurry` (the run converged) progress advances ``speedup`` times
+    faster a step, so the rest of the schedule takes fewer steps.
+    """
 
     def __init__(self, steps: int, budget_s: float | None) -> None:
         self.steps = steps
         self.budget_s = budget_s
         self.start = time.perf_counter()
+        self._hurried: tuple[int, float, float] | None = None  # (step, progress, speedup)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def _by_steps(self, step: int) -> float:
+        if self._hurried is None:
+            return step / self.steps
+        at, p0, speedup = self._hurried
+        return p0 + (step - at) * speedup / self.steps
+
     def progress(self, step: int) -> float:
-        p = step / self.steps
+        p = self._by_steps(step)
         if self.budget_s is not None:
             p = max(p, self.elapsed() / self.budget_s)
         return min(1.0, p)
 
+    def hurry(self, step: int, speedup: float) -> int:
+        """Run the rest ``speedup`` times faster from ``step``; returns the steps saved."""
+        before = self._planned()
+        self._hurried = (step, self.progress(step), speedup)
+        return before - self._planned()
+
+    def _planned(self) -> int:
+        """The step at which progress by steps reaches 1."""
+        if self._hurried is None:
+            return self.steps
+        at, p0, speedup = self._hurried
+        return at + math.ceil(round((1 - p0) * self.steps / speedup, 6))
+
     def total_and_eta(self, step: int, seconds_per_step: float) -> tuple[int, float]:
         """The steps the run will do and the seconds left."""
+        planned = self._planned()
         if self.budget_s is None:
-            return self.steps, (self.steps - step) * seconds_per_step
+            return planned, (planned - step) * seconds_per_step
         p = self.progress(step)
-        total = max(step, min(self.steps, round(step / p) if p > 0 else self.steps))
+        total = max(step, min(planned, round(step / p) if p > 0 else planned))
         eta = max(0.0, min(self.budget_s - self.elapsed(), (total - step) * seconds_per_step))
         return total, eta
 
@@ -657,6 +697,9 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     agreement_on = agreement_slices(data.unlabelled_pool)
     num_classes = len(data.classes)
     clock = _Clock(job.steps, job.time_budget_s)
+    rule = settings.stop_when_converged
+    watch = ConvergenceWatch(rule) if rule is not None else None
+    converged = ""
     val_dice: float | None = None
     last_val_dice: float | None = None
     agreement: float | None = None
@@ -736,6 +779,13 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             agreement = stream_agreement(
                 network, data.stacks[0], agreement_on, num_classes, device, precision
             )
+        if watch is not None and rule is not None and "supervised" in losses:
+            watch.add_loss(losses["supervised"])
+            reason = watch.check(agreement, clock.progress(step)) if scoring else None
+            if reason is not None:
+                saved = clock.hurry(step, rule.speedup)
+                converged = f"{reason} (step {step}): finishing {saved} steps early"
+                yield Notice(converged[0].upper() + converged[1:] + ".")
         total, eta = clock.total_and_eta(step, float(np.mean(step_times[-20:])))
         yield Progress(
             step=step,
@@ -746,6 +796,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             device=device_text,
             memory_mb=memory_mb(device),
             phase="finetune",
+            note="converged: finishing early" if converged else "",
             extra={
                 **{
                     k: v for k, v in losses.items() if k in ("train_dice", "cps_weight", "cps_kept")
@@ -759,7 +810,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             save(step)
             last_save = time.perf_counter()
     total = step
-    yield Done(save(step), summary(step))
+    yield Done(save(step), {**summary(step), "converged": converged or None})
 
 
 def _summary(
