@@ -1,5 +1,5 @@
 """Whole jobs as one event stream: fine-tune (or adapt) then predict, predict with a
-model, or rank the slices to label next.
+model (one scan, or every open scan), or rank the slices to label next.
 
 The napari widget runs these in a child process and the headless demo runs
 them inline; both consume the same events (``train.events`` plus
@@ -8,23 +8,27 @@ them inline; both consume the same events (``train.events`` plus
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator
+import logging
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from napari_fewlabel.data.classes import SegmentationClass
+from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport, quantify_emphysema
-from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.infer.predict import PredictionStopped, predict_volume
 from napari_fewlabel.infer.subtypes import load_subtype_model, map_subtypes
 from napari_fewlabel.infer.suggest import SliceScore, suggest_slices
 from napari_fewlabel.io import Volume
-from napari_fewlabel.models.checkpoint import load_checkpoint
+from napari_fewlabel.models.checkpoint import SegmentationModel, load_checkpoint
 from napari_fewlabel.models.registry import resolve_model
 from napari_fewlabel.train import adapt, finetune, subtypes
 from napari_fewlabel.train.device import resolve_device
 from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +129,90 @@ def predict_with_model(
     yield from _predict(resolve_model(model), image, device)
 
 
+@dataclass(frozen=True)
+class ScanStarted:
+    """Predict-all: scan ``number`` of ``total`` (from 1), named ``name``, is being predicted."""
+
+    number: int
+    total: int
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class ScanSegmented:
+    """Predict-all: the prediction of scan ``number`` (``name``)."""
+
+    number: int
+    name: str
+    result: SegmentationReady
+
+
+@dataclass(frozen=True)
+class ScanFailed:
+    """Predict-all: scan ``number`` (``name``) could not be predicted; the others go on.
+
+    ``user_error`` is True for a :class:`~napari_fewlabel.errors.FewLabelError`,
+    whose ``message`` says what to do.
+    """
+
+    number: int
+    name: str
+    message: str
+    user_error: bool = True
+
+
+@dataclass(frozen=True)
+class ScansPredicted:
+    """Predict-all is over: ``predicted`` and ``failed`` of ``total`` scans; ``stopped`` by Stop."""
+
+    predicted: int
+    failed: int
+    total: int
+    stopped: bool = False
+
+
+def predict_scans(
+    model: str | Path,
+    scans: Sequence[tuple[str, Volume]],
+    device: str = "auto",
+    *,
+    cancel: CancelFlag | None = None,
+) -> Iterator[Event | ScanStarted | ScanSegmented | ScanFailed | ScansPredicted]:
+    """Predict each ``(name, volume)`` of ``scans`` in turn with one model (loaded once).
+
+    A scan that fails is reported (:class:`ScanFailed`) and the next one goes
+    on. ``cancel`` is checked before every batch of slices: once set, the scan
+    in progress is abandoned and the job ends with ``ScansPredicted(stopped=True)``;
+    the scans finished before it have been sent.
+    """
+    checkpoint = resolve_model(model)
+    loaded = load_checkpoint(checkpoint)
+    total, predicted, failed, stopped = len(scans), 0, 0, False
+    for number, (name, volume) in enumerate(scans, start=1):
+        if cancel is not None and cancel.is_set():
+            stopped = True
+            break
+        yield ScanStarted(number, total, name)
+        try:
+            for event in _predict(checkpoint, volume, device, model=loaded, cancel=cancel):
+                if isinstance(event, SegmentationReady):
+                    yield ScanSegmented(number, name, event)
+                    predicted += 1
+                else:
+                    yield event
+        except PredictionStopped:
+            stopped = True
+            break
+        except FewLabelError as exc:
+            failed += 1
+            yield ScanFailed(number, name, str(exc))
+        except Exception as exc:  # a scan that breaks the network: report it, go on
+            logger.error("Predicting %s failed", name, exc_info=True)
+            failed += 1
+            yield ScanFailed(number, name, f"{type(exc).__name__}: {exc}", user_error=False)
+    yield ScansPredicted(predicted, failed, total, stopped=stopped)
+
+
 @dataclass(frozen=True, eq=False)
 class SlicesSuggested:
     """The unlabelled slices to label next, best first.
@@ -176,13 +264,26 @@ def _relay(events: Iterator[Event]) -> Generator[Event, None, Path | None]:
     return checkpoint
 
 
-def _predict(checkpoint: Path, image: Volume, device: str) -> Iterator[Event | SegmentationReady]:
-    model = load_checkpoint(checkpoint)
+def _predict(
+    checkpoint: Path,
+    image: Volume,
+    device: str,
+    *,
+    model: SegmentationModel | None = None,
+    cancel: CancelFlag | None = None,
+) -> Iterator[Event | SegmentationReady]:
+    """Predict ``image`` with ``checkpoint`` (``model``: the same, loaded already).
+
+    ``cancel`` stops the prediction between batches (:class:`PredictionStopped`);
+    the jobs that predict after training do not pass it: there Stop means "stop
+    training, keep what was learnt and predict with it".
+    """
+    model = model or load_checkpoint(checkpoint)
     if model.card.modality not in ("unknown", image.modality) and image.modality != "unknown":
         yield Notice(
             f"The model was trained on {model.card.modality} but this scan is "
             f"{image.modality}; expect poor results (adapt it to {image.modality} first).",
             level="warning",
         )
-    labels = predict_volume(model, image, device=device)
+    labels = predict_volume(model, image, device=device, cancel=cancel)
     yield SegmentationReady(labels=labels, classes=model.card.classes, checkpoint=Path(checkpoint))

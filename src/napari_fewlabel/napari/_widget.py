@@ -6,10 +6,11 @@
    and "Mark slice empty" for a slice checked and found without any structure.
 3. Model, device (the one in use is always shown) and training budget.
 4. Start / Stop, progress with ETA, a live plot of the losses and validation Dice.
-5. Results: the "<image> prediction" layer, Save model..., Export mask...,
-   Predict with model for an existing checkpoint, Label next (the unlabelled
-   slice where the model is least sure, shown in the viewer) and Refine
-   (continue from the last model with the slices corrected since).
+5. Results: the "<image> prediction" layer, Save model..., Export mask...
+   (NIfTI, or DICOM SEG for a scan read from DICOM), Predict with model for an
+   existing checkpoint, Predict all open scans with it, Label next (the
+   unlabelled slice where the model is least sure, shown in the viewer) and
+   Refine (continue from the last model with the slices corrected since).
 
 The work runs in a child process (``_runner.ProcessRunner``) so napari stays
 responsive; everything it reports arrives as events from the engine.
@@ -51,9 +52,14 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.suggest import SliceScore
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
 from napari_fewlabel.jobs import (
+    ScanFailed,
+    ScanSegmented,
+    ScansPredicted,
+    ScanStarted,
     SegmentationReady,
     SlicesSuggested,
     finetune_and_predict,
+    predict_scans,
     predict_with_model,
     refine_steps,
     suggest_next_slices,
@@ -84,6 +90,9 @@ FROM_FILE = "From file..."
 DEFAULT_START = "default (pretrained encoder)"
 RANDOM_START = "none (random initialisation)"
 DEFAULT_STEPS = 300
+PREDICT_ALL = "Predict all open scans"
+NIFTI_FILTER = "NIfTI (*.nii.gz *.nii)"
+SEG_FILTER = "DICOM SEG (*.dcm)"
 
 
 class FinetuneWidget(JobWidget):
@@ -111,6 +120,13 @@ class FinetuneWidget(JobWidget):
         self._count_timer.setInterval(250)
         self._count_timer.timeout.connect(self._update_slice_count)
         self._watched_labels: Labels | None = None
+        # Predict all open scans: the scan layers sent (in order), what came back.
+        self._batch_layers: list[Image] = []
+        self._batch_volumes: list[str] = []
+        self._batch_failed = 0
+        self._batch_left_out = 0
+        self._batch_end: ScansPredicted | None = None
+        self._job_failed = False
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_scan_box())
@@ -228,13 +244,24 @@ class FinetuneWidget(JobWidget):
 
     def _build_results_box(self) -> QGroupBox:
         box = QGroupBox("5. Results")
-        layout = QHBoxLayout(box)
+        layout = QVBoxLayout(box)
         self.save_model_button = QPushButton("Save model...")
         self.save_model_button.clicked.connect(self._ask_save_model)
-        self.export_button = QPushButton("Export mask to NIfTI...")
+        self.export_button = QPushButton("Export mask...")
+        self.export_button.setToolTip(
+            "Write the prediction selected in the layer list (else the last one) on the scan's "
+            "own voxel grid: NIfTI, or DICOM SEG (.dcm) for a scan opened from a DICOM series."
+        )
         self.export_button.clicked.connect(self._ask_export_mask)
         self.predict_button = QPushButton("Predict with model")
         self.predict_button.clicked.connect(self.predict_with_selected_model)
+        self.predict_all_button = QPushButton(PREDICT_ALL)
+        self.predict_all_button.setToolTip(
+            "Segment every open scan with the model chosen in 'Start from' (or the one just "
+            "fine-tuned), one after another in the background; each gets its '<scan> "
+            "prediction' layer. Press again (or Stop) to stop after the current batch of slices."
+        )
+        self.predict_all_button.clicked.connect(self._on_predict_all_clicked)
         self.next_button = QPushButton("Label next")
         self.next_button.setToolTip(
             "Show the unlabelled slice where the model's two streams disagree most: a label "
@@ -250,11 +277,15 @@ class FinetuneWidget(JobWidget):
         self.refine_button.clicked.connect(self.refine)
         for button in (self.save_model_button, self.export_button, self.refine_button):
             button.setEnabled(False)
-        layout.addWidget(self.predict_button)
-        layout.addWidget(self.next_button)
-        layout.addWidget(self.refine_button)
-        layout.addWidget(self.save_model_button)
-        layout.addWidget(self.export_button)
+        rows = (
+            (self.predict_button, self.predict_all_button, self.next_button),
+            (self.refine_button, self.save_model_button, self.export_button),
+        )
+        for buttons in rows:
+            row = QHBoxLayout()
+            for button in buttons:
+                row.addWidget(button)
+            layout.addLayout(row)
         return box
 
     # ------------------------------------------------------------ layers
@@ -659,6 +690,80 @@ class FinetuneWidget(JobWidget):
         self.progress.setRange(0, 0)  # busy indicator
         return True
 
+    def predict_all_open_scans(self) -> bool:
+        """Segment every open scan with the selected model, one after another; False if refused.
+
+        The scans are the image layers '1. Scan' offers; one that is not a 3D scan
+        (a 2D picture, an RGB image) is named in a notification and left out, and
+        one whose prediction fails is notified while the others go on. Each
+        prediction appears as its "<scan> prediction" layer as soon as it is done;
+        the per-class volumes of all of them are shown at the end.
+        """
+        if self.runner.is_running:
+            show_warning("A job is already running: wait for it or press Stop.")
+            return False
+        model = self._model_to_predict_with()
+        if model is None:
+            show_error(
+                "Choose a model ('Start from', or 'From file...'), or fine-tune one first, "
+                "to predict the open scans with."
+            )
+            return False
+        scans: list[tuple[str, Volume]] = []
+        layers: list[Image] = []
+        left_out = 0
+        for layer in self._scan_layers():
+            try:
+                scans.append((layer.name, self._scan_volume(layer)))
+            except FewLabelError as exc:
+                show_warning(f"'{layer.name}' is left out: {exc}")
+                left_out += 1
+                continue
+            layers.append(layer)
+        if not scans:
+            show_error("No 3D scan is open: open one or more scans (File > Open), then predict.")
+            return False
+        self._batch_layers, self._batch_volumes = layers, []
+        self._batch_failed, self._batch_left_out, self._batch_end = 0, left_out, None
+        self._start_job("predict_all", predict_scans, model, scans, self.device_combo.currentText())
+        self.status.setText(f"Predicting {len(scans)} scan(s) with {Path(model).name}...")
+        self.progress.setFormat("%v / %m scans")
+        self.progress.setRange(0, len(scans))
+        self.progress.setValue(0)
+        return True
+
+    def _on_predict_all_clicked(self) -> None:
+        if self.runner.is_running and self._job_kind == "predict_all":
+            self.stop()
+        else:
+            self.predict_all_open_scans()
+
+    def _scan_layers(self) -> list[Image]:
+        """The image layers '1. Scan' lists (not the widget's own layers), in layer order."""
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Image)
+            and not layer.metadata.get(PREVIEW_KEY)
+            and not layer.metadata.get(PREDICTION_KEY)
+        ]
+
+    def _scan_volume(self, image: Image) -> Volume:
+        """``image`` as a scan to predict: the modality chosen in '1. Scan' for the selected
+        scan, the detected one for the others (the choice where none was detected)."""
+        if image.rgb or image.multiscale:
+            raise FewLabelError(
+                f"it is {'an RGB picture' if image.rgb else 'a multiscale image'}, not a scan: "
+                "open the scan itself (NIfTI, NRRD, MHA or a DICOM folder)."
+            )
+        if image is self.selected_image():
+            return self._image_volume(image)
+        volume = volume_from_layer(np.asarray(image.data), layer_meta(image), what="image layer")
+        if volume.modality in ("CT", "MR"):
+            return volume
+        modality = self.modality_combo.currentText()
+        return volume.with_array(volume.array, modality=modality)  # type: ignore[arg-type]
+
     def label_next(self) -> bool:
         """Show the unlabelled slice the model is least sure of; False (notified) if refused.
 
@@ -765,11 +870,16 @@ class FinetuneWidget(JobWidget):
 
     def _start_job(self, kind: str, target: Any, *args: Any) -> None:
         self._job_kind = kind
+        self._job_failed = False
         self.plot.clear()
         self.runner.start(target, *args)
         self.start_button.setText("Stop")
         self.predict_button.setEnabled(False)
         self.next_button.setEnabled(False)
+        if kind == "predict_all":
+            self.predict_all_button.setText("Stop")
+        else:
+            self.predict_all_button.setEnabled(False)
         if kind in ("finetune", "refine"):
             self._follow_slice_on_screen(True)
             if self.preview_every_s >= 0:
@@ -787,7 +897,16 @@ class FinetuneWidget(JobWidget):
             self._preview_shown = None
 
     def stop(self) -> None:
-        """Stop training (kept: the weights so far, then a prediction with them)."""
+        """Stop training (kept: the weights so far, then a prediction with them).
+
+        Predicting all open scans stops at the next batch of slices; the scans
+        done so far keep their prediction layers.
+        """
+        if self._job_kind == "predict_all":
+            self._stop_then_cancel(self.start_button, self.status, "prediction", "batch of slices")
+            if self.runner.is_running:  # a second press has ended it: the buttons are reset
+                self.predict_all_button.setText(self.start_button.text())
+            return
         self._stop_then_cancel(self.start_button, self.status, "prediction", "step")
 
     # ------------------------------------------------------------ events
@@ -815,6 +934,26 @@ class FinetuneWidget(JobWidget):
             self._show_prediction(event)
         elif isinstance(event, SlicesSuggested):
             self._on_suggested(event)
+        elif isinstance(event, ScanStarted):
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.number - 1)
+            if not self.start_button.text().startswith("Cancel"):  # not while stopping
+                self.status.setText(
+                    f"Predicting scan {event.number} of {event.total}: {event.name}..."
+                )
+        elif isinstance(event, ScanSegmented):
+            self._show_scan_prediction(event)
+        elif isinstance(event, ScanFailed):
+            self._batch_failed += 1
+            if event.user_error:
+                show_error(f"'{event.name}' was not predicted (the others go on): {event.message}")
+            else:
+                show_error(
+                    f"Predicting '{event.name}' failed unexpectedly: {event.message} (details "
+                    "in the terminal)."
+                )
+        elif isinstance(event, ScansPredicted):
+            self._batch_end = event
 
     # ------------------------------------------------------------ live preview
     def _follow_slice_on_screen(self, on: bool) -> None:
@@ -900,11 +1039,7 @@ class FinetuneWidget(JobWidget):
         self.export_button.setEnabled(True)
         self.save_model_button.setEnabled(True)
         self.refine_button.setEnabled(True)
-        counts = np.bincount(event.labels.ravel(), minlength=len(event.classes))
-        voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
-        summary = ", ".join(
-            f"{c.name} {counts[c.index] * voxel_ml:.1f} mL" for c in event.classes[1:]
-        )
+        summary = class_volumes_text(event.labels, event.classes, volume.spacing_mm)
         hint = (
             " Wrong somewhere? Correct a few slices (or press Label next), then Refine; a "
             "slice with none of the structures: show it and press 'Mark slice empty'."
@@ -913,14 +1048,65 @@ class FinetuneWidget(JobWidget):
         )
         self.status.setText(f"Prediction ready: {summary}.{hint}")
 
+    def _show_scan_prediction(self, event: ScanSegmented) -> None:
+        """Predict all: show one scan's prediction beside it, as a single prediction is shown."""
+        layers = self._batch_layers
+        image = layers[event.number - 1] if 0 < event.number <= len(layers) else None
+        if image is None or image not in self.viewer.layers:
+            show_warning(f"'{event.name}' was closed before its prediction arrived; not shown.")
+            return
+        try:
+            volume = self._scan_volume(image)
+        except FewLabelError as exc:  # the layer was changed meanwhile
+            show_warning(f"The prediction of '{event.name}' is not shown: {exc}")
+            return
+        result = event.result
+        layer = show_prediction(self.viewer, f"{image.name} prediction", volume, result)
+        self._checkpoint = result.checkpoint
+        kept = self._prediction_layer
+        if image is self.selected_image() or kept is None or kept not in self.viewer.layers:
+            # Refine works on the prediction of the scan chosen in '1. Scan'.
+            self._prediction_layer = layer
+            self._shown_prediction = np.array(layer.data, copy=True)
+            self.refine_button.setEnabled(True)
+        self.export_button.setEnabled(True)
+        self.save_model_button.setEnabled(True)
+        volumes = class_volumes_text(result.labels, result.classes, volume.spacing_mm)
+        self._batch_volumes.append(f"{image.name}: {volumes}")
+        self.progress.setValue(event.number)
+
+    def _show_batch_summary(self) -> None:
+        """Predict all is over: how many scans, and each one's class volumes (mL)."""
+        end = self._batch_end
+        done = len(self._batch_volumes)
+        total = end.total if end is not None else len(self._batch_layers)
+        stopped = end.stopped if end is not None else True  # no end event: cancelled
+        text = f"{'Stopped: predicted' if stopped else 'Predicted'} {done} of {total} scan(s)"
+        notes = []
+        if self._batch_failed:
+            notes.append(f"{self._batch_failed} failed")
+        if self._batch_left_out:
+            notes.append(f"{self._batch_left_out} layer(s) left out, not 3D scans")
+        if notes:
+            text += f" ({'; '.join(notes)}: see the notifications)"
+        text += (": " + "; ".join(self._batch_volumes) if done else "") + "."
+        self.status.setText(text)
+        show_info(text)
+
     def _on_failed(self, failure: JobFailed) -> None:
+        self._job_failed = True
         self.status.setText(notify_failure(failure, "The job"))
 
     def _on_finished(self) -> None:
         self._end_preview()
+        if self._job_kind == "predict_all" and not self._job_failed:
+            self._show_batch_summary()
         self.start_button.setText("Start")
         self.predict_button.setEnabled(True)
         self.next_button.setEnabled(True)
+        self.predict_all_button.setText(PREDICT_ALL)
+        self.predict_all_button.setEnabled(True)
+        self.progress.setFormat("%v / %m steps")
         self.progress.setRange(0, max(self.progress.maximum(), 1))
 
     # ------------------------------------------------------------ results
@@ -986,27 +1172,96 @@ class FinetuneWidget(JobWidget):
         return written
 
     def _ask_export_mask(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export mask", "mask.nii.gz", "NIfTI (*.nii.gz *.nii)"
+        layer = self._prediction_to_export()
+        # DICOM SEG is offered for a scan read from a DICOM series (it references its files).
+        filters = [
+            NIFTI_FILTER,
+            *([SEG_FILTER] if layer is not None and _from_dicom(layer) else []),
+        ]
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export mask", "mask.nii.gz", ";;".join(filters)
         )
         if path:
-            self.export_mask(Path(path))
+            self.export_mask(_with_suffix_of_filter(Path(path), chosen))
+
+    def _prediction_to_export(self) -> Labels | None:
+        """The prediction layer selected in the layer list, else the last one shown."""
+        active = self.viewer.layers.selection.active
+        if (
+            isinstance(active, Labels)
+            and active.metadata.get(PREDICTION_KEY)
+            and not active.metadata.get(PREVIEW_KEY)
+        ):
+            return active
+        layer = self._prediction_layer
+        return layer if layer is not None and layer in self.viewer.layers else None
 
     def export_mask(self, path: Path) -> Path | None:
-        """Write the prediction layer as NIfTI on the scan's own voxel grid."""
-        layer = self._prediction_layer
-        if layer is None or layer not in self.viewer.layers:
+        """Write a prediction layer on its scan's own voxel grid; the suffix picks the format.
+
+        ``.dcm``: a DICOM SEG of the scan's source series, with the model card's
+        classes as segments (a scan read from a DICOM folder only: otherwise the
+        notification says to export NIfTI, and nothing is written); anything
+        else: NIfTI. The layer is the prediction selected in the layer list, else
+        the last one shown.
+        """
+        from napari_fewlabel.io.dicom_seg import SEG_SUFFIX
+
+        layer = self._prediction_to_export()
+        if layer is None:
             show_error("No prediction to export yet: press Start (or Predict with model) first.")
             return None
+        seg = Path(path).suffix.lower() == SEG_SUFFIX
         try:
             data = np.asarray(layer.data)
             like = volume_from_layer(data, layer_meta(layer), what="prediction")
-            written = save_labels(data, like=like, path=path, info=mask_info_of(layer.metadata))
+            if seg:
+                written = self._write_seg(data, like, Path(path), layer)
+            else:
+                info = mask_info_of(layer.metadata)
+                written = save_labels(data, like=like, path=path, info=info)
         except FewLabelError as exc:
             show_error(str(exc))
             return None
-        show_info(f"Mask saved to {written}")
+        show_info(f"{'DICOM SEG' if seg else 'Mask'} saved to {written}")
         return written
+
+    def _write_seg(self, data: np.ndarray, like: Volume, path: Path, layer: Labels) -> Path:
+        from napari_fewlabel.io.dicom_seg import write_dicom_seg
+
+        classes = layer.metadata.get(CLASSES_KEY) or [
+            c.to_dict() for c in self.current_classes(max_label=int(data.max(initial=0)))
+        ]
+        return write_dicom_seg(data, like=like, path=path, classes=classes)
+
+
+def class_volumes_text(
+    labels: np.ndarray,
+    classes: tuple[SegmentationClass, ...],
+    spacing_mm: tuple[float, float, float],
+) -> str:
+    """``"liver 1520.3 mL, tumour 12.0 mL"``: each foreground class's volume in ``labels``."""
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=len(classes))
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    return ", ".join(f"{c.name} {counts[c.index] * voxel_ml:.1f} mL" for c in classes[1:])
+
+
+def _from_dicom(layer: Labels) -> bool:
+    """Whether ``layer`` lies on a scan read from a DICOM series."""
+    header = layer.metadata.get(METADATA_KEY, {}).get("header", {})
+    return bool(header.get("format") == "DICOM")
+
+
+def _with_suffix_of_filter(path: Path, chosen: str) -> Path:
+    """``path`` ending as the file dialog's chosen filter asks (Qt adds no suffix itself)."""
+    if chosen != SEG_FILTER or path.suffix.lower() == ".dcm":
+        return path
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.with_name(name + ".dcm")
 
 
 def marked_empty(labels: Labels) -> tuple[int, list[int]]:
