@@ -24,6 +24,18 @@ CT's cerebrum slices, with labels derived as benchmarks/head_pair.py documents;
 ``ct_supervised_same_scan`` is trained and scored on the one CT (an optimistic
 upper bound: there is no second labelled head CT). ``--only phantom|head``
 runs one pair (about 6 and 8 minutes on 2 CPU cores).
+
+``--measure-checks`` measures the label-free checks instead
+(:mod:`napari_fewlabel.train.adapt_check`): every ``--check-every`` joint
+updates (and at the start) the adapted network is written, scored by every
+candidate on the CT without labels and by its true Dice; per candidate the
+JSON gives Spearman's rho between the candidate (signed so that higher means
+better) and the true Dice over the checkpoints, and the true Dice of the
+checkpoint the candidate would keep (the start unless one beats it). The
+critic's Wasserstein estimate at the check step is one more candidate (lower
+is better; no value at the start). No supervised upper bound is trained::
+
+    python benchmarks/adaptation.py --measure-checks --only head --adapt-steps 150
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ import head_pair as head_pair_data
 import numpy as np
 import torch
 from head_pair import HeadScan
+from scipy.stats import spearmanr
 
 from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.data.normalization import NormalizationConfig
@@ -49,7 +62,8 @@ from napari_fewlabel.io import Volume
 from napari_fewlabel.models.checkpoint import SegmentationModel, load_checkpoint
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train import adapt, finetune
-from napari_fewlabel.train.events import Progress
+from napari_fewlabel.train.adapt_check import HIGHER_IS_BETTER
+from napari_fewlabel.train.events import Done, Progress
 
 
 def mean_dice(model: SegmentationModel, phantom: CardiacPhantom) -> float:
@@ -114,6 +128,12 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "source_on_ct": mean_dice(source_model, ct),
         "source_on_ct_hu_window": mean_dice(as_ct, ct),
     }
+    if args.measure_checks:
+        row["checks"] = measure_checks(
+            source, ct.image, mr.image, folder / "checks", args, lambda m: mean_dice(m, ct)
+        )
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        return row
     adapted, curve, seconds = adapt_to(
         source, ct.image, mr.image, folder / "adapted.safetensors", args
     )
@@ -135,7 +155,74 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 def settings_from(args: argparse.Namespace) -> adapt.AdaptSettings:
     """The paper's weight clipping (default) or the WGAN-GP preset, as ``fewlabel adapt`` builds them."""
-    return adapt.AdaptSettings.for_objective(args.objective, warmup_steps=args.warmup)
+    return adapt.AdaptSettings.for_objective(
+        args.objective, warmup_steps=args.warmup, check_every=args.check_every
+    )
+
+
+def measure_checks(
+    source: Path,
+    target: Volume,
+    mri: Volume,
+    folder: Path,
+    args: argparse.Namespace,
+    true_dice: Any,
+) -> dict[str, Any]:
+    """Every checked checkpoint's label-free scores against its true Dice (``true_dice(model)``)."""
+    t0 = time.perf_counter()
+    job = adapt.AdaptJob(
+        source_model=source,
+        target=(target,),
+        source=(mri,),
+        out=folder / "adapted.safetensors",
+        steps=args.adapt_steps,
+        device=args.device,
+        settings=settings_from(args),
+        checkpoint_every_s=1e9,
+        checkpoints_dir=folder,
+    )
+    wasserstein: dict[int, float] = {}
+    done = None
+    for event in adapt.run(job):
+        if isinstance(event, Progress) and "check_entropy" in event.extra:
+            wasserstein[event.step] = event.extra["wasserstein_mean"]
+        if isinstance(event, Done):
+            done = event
+    assert done is not None
+    rows = []
+    for scores in done.summary["checks"]:
+        step = int(scores["step"])
+        dice = true_dice(load_checkpoint(folder / f"step_{step}.safetensors"))
+        dice = dice["mean"] if isinstance(dice, dict) else dice
+        row = {"step": step, "true_dice": dice}
+        row.update({k: round(v, 4) for k, v in scores.items() if k != "step"})
+        if step in wasserstein:
+            row["wasserstein"] = round(wasserstein[step], 4)
+        rows.append(row)
+    higher = {**HIGHER_IS_BETTER, "wasserstein": False}
+    candidates: dict[str, Any] = {}
+    for name, up in higher.items():
+        have = [r for r in rows if name in r]
+        signed = [r[name] if up else -r[name] for r in have]
+        rho = spearmanr(signed, [r["true_dice"] for r in have]).statistic
+        # As adaptation keeps: the first of the best (the start when none beats it).
+        best = have[int(np.argmax(signed))]
+        candidates[name] = {
+            "spearman": None if not np.isfinite(rho) else round(float(rho), 3),
+            "kept_step": best["step"],
+            "kept_true_dice": best["true_dice"],
+        }
+    return {
+        "objective": args.objective,
+        "adapt_steps": args.adapt_steps,
+        "check_every": args.check_every,
+        "start_true_dice": rows[0]["true_dice"],
+        "last_true_dice": rows[-1]["true_dice"],
+        "best_true_dice": max(r["true_dice"] for r in rows),
+        "candidates": candidates,
+        "checkpoints": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def adapt_to(
@@ -191,6 +278,10 @@ def head_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "source_on_ct": score(source_model),
         "source_on_ct_hu_window": score(as_ct),
     }
+    if args.measure_checks:
+        row["checks"] = measure_checks(source, ct.image, mr.image, folder / "checks", args, score)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        return row
     adapted, curve, seconds = adapt_to(
         source, ct.image, mr.image, folder / "head-ct.safetensors", args
     )
@@ -218,6 +309,12 @@ def main() -> None:
         help="clip: the paper's weight clipping, 20 critic updates; gp: WGAN-GP, 5",
     )
     parser.add_argument("--only", choices=("phantom", "head"), help="run one of the two pairs")
+    parser.add_argument(
+        "--measure-checks",
+        action="store_true",
+        help="score every checked checkpoint by the label-free checks and by its true Dice",
+    )
+    parser.add_argument("--check-every", type=int, default=25, metavar="STEPS")
     args = parser.parse_args()
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from napari_fewlabel.cli import main
+from napari_fewlabel.data.classes import named_classes
 from napari_fewlabel.data.phantoms import cardiac_phantom
-from napari_fewlabel.io import load_volume, save_labels
+from napari_fewlabel.io import MaskInfo, load_volume, save_labels
 from napari_fewlabel.models.checkpoint import read_card
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train import adapt, finetune
@@ -110,3 +112,74 @@ def test_an_mri_target_exits_2(files, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "marked as MR" in err or "--source" in err
     assert not out.exists()
+
+
+def test_target_labels_join_training_and_the_kept_checkpoint_is_said(files, capsys, tmp_path):
+    _, source, mr_path, ct_path = files
+    ct = load_volume(ct_path)
+    truth = cardiac_phantom("CT", 1, (12, 64, 64), (4.0, 3.0, 3.0)).labels.array
+    painted = np.zeros_like(truth)
+    painted[6] = truth[6]
+    labels = save_labels(painted, like=ct, path=tmp_path / "ct_labels.nii.gz")
+    out = tmp_path / "a.safetensors"
+    code = main(
+        ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+         "--target-labels", str(labels), "--out", str(out), "--steps", "2", "--warmup", "1",
+         "--critic-updates", "1", "--check", "start_agreement", "--device", "cpu"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "1 painted CT slice(s) (6)" in captured.err
+    assert f"Checkpoint kept: {adapt.NO_IMPROVEMENT}." in captured.out
+    card = read_card(out)
+    assert card.training["ct_labels_used"] is True and card.training["ct_labelled_slices"] == [6]
+
+
+@pytest.mark.parametrize(
+    ("make_labels", "message"),
+    [
+        # A mask of another scan: one slice fewer.
+        (
+            lambda ct, path: nib.save(
+                nib.Nifti1Image(np.zeros((64, 64, 11), np.uint8), ct.grid.affine), path
+            ),
+            "first CT scan",
+        ),
+        (
+            lambda ct, path: save_labels(np.zeros(ct.shape, np.uint8), like=ct, path=path),
+            "no painted slice",
+        ),
+    ],
+)
+def test_unusable_target_labels_exit_2(files, capsys, tmp_path, make_labels, message):
+    _, source, mr_path, ct_path = files
+    labels = tmp_path / "ct_labels.nii.gz"
+    make_labels(load_volume(ct_path), labels)
+    out = tmp_path / "a.safetensors"
+    code = main(
+        ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+         "--target-labels", str(labels), "--out", str(out), "--steps", "1", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_target_labels_named_for_other_classes_exit_2(files, capsys, tmp_path):
+    _, source, mr_path, ct_path = files
+    ct = load_volume(ct_path)
+    painted = np.zeros(ct.shape, dtype=np.uint8)
+    painted[6, 10:20, 10:20] = 1
+    labels = save_labels(
+        painted,
+        like=ct,
+        path=tmp_path / "liver.nii.gz",
+        info=MaskInfo.of_classes(named_classes(["bg", "liver"])),
+    )
+    code = main(
+        ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+         "--target-labels", str(labels), "--out", str(tmp_path / "a.safetensors"),
+         "--steps", "1", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 2
+    assert "names its classes bg, liver" in capsys.readouterr().err

@@ -920,6 +920,24 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         default="ct_window",
         help="CT intensities into the adapted model: HU window (default) or per-volume z-score",
     )
+    p.add_argument(
+        "--target-labels",
+        type=Path,
+        metavar="LABELS",
+        help="a label map on the first --target scan's grid with a few painted slices (along the "
+        "model's slice axis; all-zero slices are unlabelled): their Dice + cross-entropy joins "
+        "every DAM update",
+    )
+    p.add_argument(
+        "--check",
+        metavar="NAME",
+        help="the label-free check that picks the checkpoint to keep, the start included "
+        "(default: stream_agreement; 'last' keeps the last one; the others and how they were "
+        "measured: docs/adaptation.md)",
+    )
+    p.add_argument(
+        "--check-every", type=int, metavar="STEPS", help="steps between checks (default: 25)"
+    )
     p.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue an earlier run")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
@@ -931,7 +949,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, _MODEL_SUFFIXES, need_bytes=_MODEL_NEED_BYTES)
     _check_model(args.source_model)
-    _check_inputs_exist(*args.target, *args.source)
+    _check_inputs_exist(*args.target, *args.source, *filter(None, [args.target_labels]))
     _check_model(args.resume)
 
     from napari_fewlabel.train.adapt import DEFAULT_STEPS, AdaptJob, AdaptSettings, run
@@ -942,15 +960,23 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         "warmup_steps": args.warmup,
         "critic_updates": args.critic_updates,
         "dam_stages": args.dam_stages,
+        "check": args.check,
+        "check_every": args.check_every,
     }
     settings = AdaptSettings.for_objective(
         args.objective,
         target_normalization=args.target_normalization,
         **{k: v for k, v in changes.items() if v is not None},
     )
+    target = tuple(_as_ct(load_volume(p)) for p in args.target)
+    target_labels = None
+    if args.target_labels is not None:
+        target_labels = load_volume(args.target_labels)
+        _check_adapt_label_names(args.target_labels, args.source_model)
     job = AdaptJob(
         source_model=args.source_model,
-        target=tuple(_as_ct(load_volume(p)) for p in args.target),
+        target=target,
+        target_labels=target_labels,
         source=tuple(load_volume(p) for p in args.source),
         out=args.out,
         resume_from=args.resume,
@@ -967,7 +993,26 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         + (f"; Wasserstein estimate {w:.3f}" if w is not None else "")
         + f". Predict CT with it: `fewlabel predict {done.checkpoint} CT.nii.gz --out mask.nii.gz`."
     )
+    if s.get("verdict"):
+        print(f"Checkpoint kept: {s['verdict']}.")
     return 0
+
+
+def _check_adapt_label_names(labels_path: Path, model: str) -> None:
+    """Painted CT labels saved with class names must name the model's classes in its order."""
+    from napari_fewlabel.models.card import read_card
+    from napari_fewlabel.models.registry import resolve_model
+
+    saved = read_mask_info(labels_path)
+    if saved is None or not saved.classes:
+        return
+    names = [str(c.get("name", "")) for c in saved.classes]
+    wanted = list(read_card(resolve_model(model)).class_names)
+    if names[: len(wanted)] != wanted[: len(names)]:
+        raise FewLabelError(
+            f"{labels_path.name} names its classes {', '.join(names)}, but the model's are "
+            f"{', '.join(wanted)}: paint the CT slices with the model's classes (index = class)."
+        )
 
 
 def _as_ct(volume: Any) -> Any:

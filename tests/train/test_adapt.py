@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from napari_fewlabel.data.normalization import NormalizationConfig
+from napari_fewlabel.data.normalization import NormalizationConfig, fit_intensity
 from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.data.slice_stack import SliceStack, fit_labels
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.predict import predict_volume
+from napari_fewlabel.io import Volume
+from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import load_checkpoint, read_card, read_model_tensors
 from napari_fewlabel.models.unet2d import UNetConfig
-from napari_fewlabel.train import adapt, finetune
+from napari_fewlabel.train import adapt, adapt_check, finetune
+from napari_fewlabel.train.device import precision_for
 from napari_fewlabel.train.events import Done, Event, Notice, Progress
 
 #: A network small enough that a step takes a few hundredths of a second.
@@ -293,6 +297,176 @@ def test_extra_labelled_volume_on_another_grid_is_refused(tmp_path):
     )
     with pytest.raises(FewLabelError, match="differs from the image shape"):
         list(finetune.run(job))
+
+
+# ------------------------------------------------------------ which checkpoint is kept
+def test_the_start_is_scored_and_kept_when_no_checkpoint_beats_it(make_job, source_model):
+    # start_agreement is 1.0 at the start and can only fall: nothing beats the start.
+    job = make_job(settings=replace(QUICK, check="start_agreement", check_every=1))
+    events = _run(job)
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert [c["step"] for c in done.summary["checks"]] == [0, 1, 2, 3]
+    assert done.summary["checks"][0]["start_agreement"] == 1.0
+    assert done.summary["verdict"] == adapt.NO_IMPROVEMENT
+    assert any(
+        isinstance(e, Notice) and adapt.NO_IMPROVEMENT in e.message and e.level == "warning"
+        for e in events
+    )
+    selection = read_card(job.out).training["selection"]
+    assert selection["kept_start"] is True and selection["best_step"] == 0
+    assert selection["verdict"] == adapt.NO_IMPROVEMENT
+    # The written model is the source network itself; the state keeps the last weights.
+    source = read_model_tensors(source_model)
+    for key, value in read_model_tensors(job.out).items():
+        assert torch.equal(value, source[key]), key
+    last = read_model_tensors(adapt.state_path(job.out))
+    dam_keys = [k for k in last if k.startswith("last.encoder.stem.")]
+    assert dam_keys and any(not torch.equal(last[k], source[k[5:]]) for k in dam_keys)
+
+
+def test_the_checkpoint_with_the_best_check_is_the_one_written(make_job, tmp_path):
+    check = "proportion_gap"  # lower is better
+    job = make_job(
+        steps=4,
+        settings=replace(QUICK, check=check, check_every=1),
+        checkpoints_dir=tmp_path / "every",
+    )
+    done = _run(job)[-1]
+    assert isinstance(done, Done)
+    checks = done.summary["checks"]
+    assert len(checks) == 5 and all(set(adapt_check.HIGHER_IS_BETTER) <= set(c) for c in checks)
+    best = min(checks, key=lambda c: (c[check], c["step"]))  # the first of the best
+    selection = done.summary["selection"]
+    assert selection["best_step"] == best["step"]
+    assert selection["kept_start"] is (best["step"] == 0)
+    kept = read_model_tensors(job.out)
+    snapshot = read_model_tensors(tmp_path / "every" / f"step_{int(best['step'])}.safetensors")
+    assert kept.keys() == snapshot.keys()
+    assert all(torch.equal(kept[k], snapshot[k]) for k in kept)
+    rescored = adapt_check.label_free_scores(
+        load_checkpoint(job.out).network,
+        _reference_like_the_job(job),
+        torch.device("cpu"),
+        precision_for(torch.device("cpu")),
+    )
+    assert rescored[check] == pytest.approx(best[check], abs=1e-6)
+
+
+def _reference_like_the_job(job: adapt.AdaptJob) -> adapt_check.CheckReference:
+    """The check's reference as adapt.run builds it, from the job's own inputs."""
+    source = load_checkpoint(job.source_model)
+    card, net = source.card, source.network.eval()
+    device = torch.device("cpu")
+    precision = precision_for(device)
+    stack = SliceStack(
+        job.target[0].array,
+        card.slice_axis,
+        fit_intensity(job.target[0].array, job.settings.normalization()),
+        card.input_size,
+    )
+    mr_stack = SliceStack(
+        job.source[0].array,
+        card.slice_axis,
+        fit_intensity(job.source[0].array, card.normalization),
+        card.input_size,
+    )
+    k = len(card.classes)
+    windows = adapt._evenly_spaced_windows([stack], job.settings.check_slices, 3)
+    mr = adapt._evenly_spaced_windows([mr_stack], job.settings.check_slices, 3)
+    return adapt_check.CheckReference(
+        target_windows=windows,
+        start_labels=adapt_check.predicted_labels(net, windows, device, precision),
+        source_proportions=adapt_check.class_proportions(
+            adapt_check.predicted_labels(net, mr, device, precision), k
+        ),
+        num_classes=k,
+    )
+
+
+def test_check_last_keeps_the_last_weights(make_job, tmp_path):
+    job = make_job(settings=replace(QUICK, check="last"), checkpoints_dir=tmp_path / "every")
+    done = _run(job)[-1]
+    assert isinstance(done, Done) and "verdict" not in done.summary
+    assert "selection" not in read_card(job.out).training
+    kept, last = (
+        read_model_tensors(job.out),
+        read_model_tensors(tmp_path / "every" / "step_3.safetensors"),
+    )
+    assert all(torch.equal(kept[k], last[k]) for k in kept)
+
+
+def test_an_unknown_check_is_refused():
+    with pytest.raises(FewLabelError, match="stream_agreement"):
+        adapt.AdaptSettings(check="dice")
+
+
+def test_label_free_scores_of_a_perfect_and_a_blank_prediction():
+    # Two hand-made label maps stand in for networks: the scores' arithmetic.
+    truth = torch.zeros(2, 8, 8, dtype=torch.int64)
+    truth[:, 2:6, 2:6] = 1
+    assert adapt_check.foreground_dice(truth, truth, 2) == 1.0
+    assert adapt_check.foreground_dice(truth, torch.zeros_like(truth), 2) == 0.0
+    shares = adapt_check.class_proportions(truth, 3)
+    assert shares.tolist() == pytest.approx([0.75, 0.25, 0.0])
+    assert adapt_check.quality({"entropy": 0.2}, "entropy") > adapt_check.quality(
+        {"entropy": 0.3}, "entropy"
+    )
+
+
+# ------------------------------------------------------------ painted CT slices
+def _painted(ct: Any, slices: list[int]) -> Any:
+    labels = np.zeros_like(ct.labels.array)
+    labels[slices] = ct.labels.array[slices]
+    return ct.labels.with_array(labels)
+
+
+def test_painted_ct_slices_receive_the_supervised_loss(make_job, pair, source_model):
+    _, ct = pair
+    changes = {"steps": 4, "settings": replace(QUICK, check="last", supervised_weight=10.0)}
+    plain = make_job(**changes)
+    _run(plain)
+    painted = make_job(
+        **changes, target_labels=_painted(ct, [8]), out=plain.out.with_name("painted.safetensors")
+    )
+    events = _run(painted)
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert "supervised" not in progress[0].losses  # the critic's warm-up: no DAM update
+    assert all(np.isfinite(e.losses["supervised"]) for e in progress[1:])
+    assert any("1 painted CT slice(s) (8)" in e.message for e in events if isinstance(e, Notice))
+    card = read_card(painted.out)
+    assert card.training["ct_labels_used"] is True and card.training["ct_labelled_slices"] == [8]
+    # The gradient reaches the DAM: the painted slice's loss is lower than after the same
+    # adversarial steps without it, and the frozen layers are still the source's.
+    source = read_model_tensors(source_model)
+    _, frozen = _split(painted.out, 2)
+    assert all(torch.equal(v, source[k]) for k, v in frozen.items())
+
+    def loss_on_slice_8(path: Path) -> float:
+        model = load_checkpoint(path)
+        stack = SliceStack(
+            ct.image.array, 0, fit_intensity(ct.image.array, model.card.normalization), (64, 64)
+        )
+        x = stack.windows(torch.tensor([8]), 3)
+        y = fit_labels(ct.labels.array.astype(np.int64), 0, np.array([8]), stack.fit)
+        with torch.no_grad():
+            return float(dice_ce_loss(model.network(x)[0], y)[0])
+
+    assert loss_on_slice_8(painted.out) < loss_on_slice_8(plain.out)
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (lambda ct: Volume.from_array(ct.labels.array[:-1], SPACING), "first CT scan"),
+        (lambda ct: ct.labels.with_array(np.full_like(ct.labels.array, 9)), "model has 6 classes"),
+        (lambda ct: ct.labels.with_array(np.zeros_like(ct.labels.array)), "no painted slice"),
+    ],
+)
+def test_unusable_ct_labels_are_refused(make_job, pair, labels, match):
+    _, ct = pair
+    with pytest.raises(FewLabelError, match=match):
+        list(adapt.run(make_job(target_labels=labels(ct))))
 
 
 def _mean_dice(pred: np.ndarray, truth: np.ndarray, classes: int) -> float:

@@ -64,9 +64,11 @@ from torch import nn
 
 from napari_fewlabel import __version__
 from napari_fewlabel.data.normalization import NormalizationConfig, count_nonfinite, fit_intensity
-from napari_fewlabel.data.slice_stack import SliceStack
+from napari_fewlabel.data.slice_stack import SliceStack, fit_labels
+from napari_fewlabel.data.slices import labelled_slices
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io.volume import Volume
+from napari_fewlabel.losses.dice_ce import dice_ce_loss
 from napari_fewlabel.models.checkpoint import (
     ModelCard,
     check_output_path,
@@ -80,6 +82,14 @@ from napari_fewlabel.models.checkpoint import (
 from napari_fewlabel.models.critic import DomainCritic, gradient_penalty, resize_to
 from napari_fewlabel.models.registry import resolve_model
 from napari_fewlabel.models.unet2d import TwoStreamUNet
+from napari_fewlabel.train.adapt_check import (
+    HIGHER_IS_BETTER,
+    CheckReference,
+    class_proportions,
+    label_free_scores,
+    predicted_labels,
+    quality,
+)
 from napari_fewlabel.train.device import (
     autocast,
     describe_device,
@@ -93,6 +103,12 @@ from napari_fewlabel.train.events import CancelFlag, Done, Event, Notice, Progre
 DEFAULT_STEPS = 300
 #: Critic updates per DAM update with the gradient penalty (WGAN-GP's n_critic = 5).
 GP_CRITIC_UPDATES = 5
+#: The label-free check that picks the checkpoint to keep (docs/adaptation.md: how it was chosen).
+DEFAULT_CHECK = "stream_agreement"
+#: What adaptation says when no checkpoint beats its start by the check.
+NO_IMPROVEMENT = "no improvement found: the MRI model applied with the HU window is kept"
+#: Cross-entropy class balance on painted CT slices (fine-tuning's default).
+SUPERVISED_CLASS_BALANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -131,6 +147,19 @@ class AdaptSettings:
         How CT is normalised for the DAM (and by the adapted model).
     ct_window_hu : tuple of float
         HU window for ``"ct_window"``.
+    check : str
+        The label-free check (:mod:`napari_fewlabel.train.adapt_check`) that
+        picks the checkpoint to keep: the start (the MRI model fed the
+        HU-windowed CT) and every ``check_every`` joint updates are scored, and
+        the best is written; when none beats the start, the start is.
+        ``"last"``: keep the last checkpoint, whatever the check says.
+    check_every : int
+        Joint updates between checks (0: no check, keep the last).
+    check_slices : int
+        Target slices (evenly spaced over the CT scans) every check scores.
+    supervised_weight : float
+        Weight of the Dice + cross-entropy on painted CT slices (only with
+        ``AdaptJob.target_labels``) in each DAM update.
     """
 
     dam_stages: int | None = None
@@ -147,8 +176,20 @@ class AdaptSettings:
     critic_resolution_divisor: int = 4
     target_normalization: Literal["ct_window", "percentile_zscore"] = "ct_window"
     ct_window_hu: tuple[float, float] = (-300.0, 400.0)
+    check: str = DEFAULT_CHECK
+    check_every: int = 25
+    check_slices: int = 32
+    supervised_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.check != "last" and self.check not in HIGHER_IS_BETTER:
+            raise FewLabelError(
+                f"check must be 'last' or one of {', '.join(HIGHER_IS_BETTER)}, got {self.check!r}."
+            )
+        if self.check_every < 0 or self.check_slices < 1:
+            raise FewLabelError("check_every must be >= 0 and check_slices at least 1.")
+        if self.supervised_weight < 0:
+            raise FewLabelError(f"supervised_weight must be >= 0, got {self.supervised_weight}.")
         if self.dam_stages is not None and self.dam_stages < 1:
             raise FewLabelError(f"dam_stages must be at least 1, got {self.dam_stages}.")
         if self.critic_updates < 1 or self.batch_size < 1:
@@ -218,6 +259,15 @@ class AdaptJob:
     settings : AdaptSettings
     checkpoint_every_s : float
         Seconds between intermediate checkpoints.
+    target_labels : Volume, optional
+        A few painted slices of the first target scan (same grid; integer
+        class indices of the source model's classes, a slice along the
+        model's slice axis with any nonzero voxel counts as labelled, 0 there
+        is background, all-zero slices are unlabelled). Their Dice +
+        cross-entropy joins every DAM update.
+    checkpoints_dir : Path, optional
+        Also write every checked checkpoint there, ``step_<N>.safetensors``
+        (``step_0`` is the start), to inspect or score them.
     """
 
     source_model: str | Path
@@ -230,6 +280,8 @@ class AdaptJob:
     seed: int = 0
     settings: AdaptSettings = field(default_factory=AdaptSettings)
     checkpoint_every_s: float = 60.0
+    target_labels: Volume | None = None
+    checkpoints_dir: Path | None = None
 
 
 # ------------------------------------------------------------------ network
@@ -347,9 +399,75 @@ def _check_inputs(job: AdaptJob) -> None:
             )
 
 
+def _painted_slices(
+    job: AdaptJob, card: ModelCard, stack: SliceStack, in_slices: int
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:
+    """Windows ``(m, in_slices, H, W)`` and labels ``(m, H, W)`` of the painted target slices.
+
+    Returns None without ``job.target_labels``; also the painted slice indices.
+    """
+    if job.target_labels is None:
+        return None
+    labels = job.target_labels.array
+    ct_shape = job.target[0].array.shape
+    if labels.shape != ct_shape:
+        raise FewLabelError(
+            f"The CT labels are {labels.shape} voxels but the first CT scan is {ct_shape}: paint "
+            "them on the first target scan's grid (e.g. save the Labels layer drawn on it)."
+        )
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+        raise FewLabelError("The CT labels hold fractions: give an integer label map.")
+    k = len(card.classes)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= k:
+        raise FewLabelError(
+            f"The CT labels hold values {low}..{high}, but the model has {k} classes "
+            f"({', '.join(card.class_names)}): paint with labels 0..{k - 1}."
+        )
+    axis = card.slice_axis
+    painted = labelled_slices(labels, axis)
+    if painted.size == 0:
+        raise FewLabelError(
+            f"The CT labels have no painted slice along axis {axis} (the model's slice axis): "
+            "paint one or two slices, or leave the labels out."
+        )
+    windows = stack.windows(torch.from_numpy(painted.astype(np.int64)), in_slices)
+    targets = fit_labels(labels.astype(np.int64), axis, painted, stack.fit)
+    return windows, targets, painted
+
+
+def _evenly_spaced_windows(stacks: list[SliceStack], count: int, in_slices: int) -> torch.Tensor:
+    """``count`` windows spread evenly over all slices of ``stacks`` (fewer if there are fewer)."""
+    sizes = [len(st) for st in stacks]
+    total = sum(sizes)
+    picks = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int))
+    offsets = np.cumsum([0, *sizes])
+    windows = []
+    for i, stack in enumerate(stacks):
+        mine = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
+        if mine.size:
+            windows.append(stack.windows(torch.from_numpy(mine.astype(np.int64)), in_slices))
+    return torch.cat(windows)
+
+
+def _dam_state(network: TwoStreamUNet, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A copy of the DAM's weights (the layers under ``prefixes``)."""
+    return {
+        k: v.detach().clone() for k, v in network.state_dict().items() if k.startswith(prefixes)
+    }
+
+
 # ------------------------------------------------------------------ run
 def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     """Adapt ``job.source_model`` to the CT scans of ``job``; yields Notice/Progress and one Done.
+
+    The model written is the best of the start and the checked checkpoints by
+    ``settings.check`` (:mod:`~napari_fewlabel.train.adapt_check`), or the last
+    one with ``check="last"`` or ``check_every=0``; when no checkpoint beats
+    the start, the start (the MRI model with the CT normalisation) is written
+    and a Notice, the Done summary and the model card say so. The training
+    state next to it always holds the *last* weights, so ``resume_from``
+    continues the run where it stopped.
 
     Parameters
     ----------
@@ -374,21 +492,25 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             "(`fewlabel finetune` on labelled MRI)."
         )
     source_volumes, notices = _source_volumes(job, card)
-    yield from notices
 
     source_net = source_model.network
     n_stages = encoder_stage_count(source_net)
     dam_stages = n_stages if settings.dam_stages is None else settings.dam_stages
     target_net = plug_in_dam(source_net, dam_stages)
+    prefixes = dam_prefixes(dam_stages)
 
     axis, size = card.slice_axis, card.input_size
+    in_slices = source_net.config.in_slices
     target_config = settings.normalization()
     source_stacks = _stacks(source_volumes, card.normalization, axis, size, "Source")
     target_stacks = _stacks(job.target, target_config, axis, size, "Target")
+    painted = _painted_slices(job, card, target_stacks[0], in_slices)
+    yield from notices
     divisor = settings.critic_resolution_divisor
 
     torch.manual_seed(job.seed)
     rng = np.random.default_rng(job.seed)
+    painted_rng = np.random.default_rng([job.seed, 1])
     device = resolve_device(job.device)
     device_text = describe_device(device)
     precision = precision_for(device)
@@ -396,7 +518,7 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     target_net.to(device).eval()  # GroupNorm/InstanceNorm: no batch statistics to track
 
     with torch.no_grad():
-        probe = source_stacks[0].windows(torch.tensor([0]), source_net.config.in_slices)
+        probe = source_stacks[0].windows(torch.tensor([0]), in_slices)
         channels = [m.shape[1] for m in critic_inputs(source_net, probe.to(device), divisor)]
     critic = DomainCritic(channels, width=settings.critic_width).to(device)
     if settings.objective == "clip":
@@ -409,9 +531,41 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         ]
     )
 
+    checking = settings.check_every > 0
+    selecting = checking and settings.check != "last"
+    reference: CheckReference | None = None
+    if checking:
+        num_classes = len(card.classes)
+        windows = _evenly_spaced_windows(target_stacks, settings.check_slices, in_slices)
+        mr_labels = predicted_labels(
+            source_net,
+            _evenly_spaced_windows(source_stacks, settings.check_slices, in_slices),
+            device,
+            precision,
+        )
+        # The start is the source network itself: the DAM begins as its copy.
+        reference = CheckReference(
+            target_windows=windows,
+            start_labels=predicted_labels(source_net, windows, device, precision),
+            source_proportions=class_proportions(mr_labels, num_classes),
+            num_classes=num_classes,
+        )
+    kept_start_text = (
+        NO_IMPROVEMENT
+        if settings.target_normalization == "ct_window"
+        else NO_IMPROVEMENT.replace("the HU window", "the per-volume z-score")
+    )
+
     step0 = 0
+    selection: dict[str, Any] = {}
+    best_dam = _dam_state(target_net, prefixes)
     if job.resume_from is not None:
-        step0 = _resume(job, source_net, target_net, critic, optimizer, dam_stages, device)
+        step0, selection, last_dam = _resume(
+            job, source_net, target_net, critic, optimizer, dam_stages, device
+        )
+        best_dam = _dam_state(target_net, prefixes)
+        if last_dam:
+            target_net.load_state_dict(last_dam, strict=False)
         yield Notice(f"Resuming from {Path(job.resume_from).name} at step {step0}.")
 
     out = Path(job.out)
@@ -420,7 +574,7 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     last_save = start
     step_times: list[float] = []
     losses: dict[str, float] = {}
-    in_slices = source_net.config.in_slices
+    checks: list[dict[str, float]] = []
 
     def sample(stacks: list[SliceStack]) -> torch.Tensor:
         picks = rng.integers(0, len(stacks), size=settings.batch_size)
@@ -434,7 +588,59 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         with autocast(device, precision):
             return critic_inputs(network, x, divisor)
 
+    def verdict() -> str:
+        if not selection:
+            return "the last checkpoint is kept (no check)"
+        if selection["kept_start"]:
+            return kept_start_text
+        return (
+            f"kept the checkpoint of step {selection['best_step']}, the best of "
+            f"{selection['checks_done']} checks by {settings.check.replace('_', ' ')}"
+        )
+
     def card_for(steps_done: int) -> ModelCard:
+        method = (
+            "MRI->CT adaptation (Dou et al. 2018): domain adaptation module "
+            "(trainable copy of the first encoder stages) against a Wasserstein domain "
+            "critic on multi-level features and logits; higher layers frozen from the "
+            "source model"
+        )
+        if painted is not None:
+            method += "; Dice + cross-entropy on the painted CT slices in every DAM update"
+        else:
+            method = "unsupervised " + method
+        training: dict[str, Any] = {
+            "method": method,
+            "source_model": {
+                "path": str(source_path),
+                "modality": card.modality,
+                "normalization": card.normalization.to_dict(),
+                "method": card.training.get("method"),
+                "data": card.training.get("data"),
+            },
+            "dam_stages": dam_stages,
+            "dam_layers": list(prefixes),
+            "encoder_stages": n_stages,
+            "settings": settings.to_dict(),
+            "data": {
+                "target_scans": [list(v.shape) for v in job.target],
+                "target_sources": [str(v.header.get("path", "in memory")) for v in job.target],
+                "source_scans": [list(v.shape) for v in source_volumes],
+                "slice_axis": axis,
+            },
+            "ct_labels_used": painted is not None,
+            "started_from": str(source_path),
+            "steps_done": steps_done,
+            "steps_planned": total,
+            "seed": job.seed,
+            "device": device_text,
+            "precision": precision.name,
+            "train_seconds": round(time.perf_counter() - start, 1),
+        }
+        if painted is not None:
+            training["ct_labelled_slices"] = [int(i) for i in painted[2]]
+        if selection:
+            training["selection"] = {**selection, "verdict": verdict()}
         return ModelCard(
             architecture=card.architecture,
             classes=card.classes,
@@ -442,39 +648,7 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             normalization=target_config,
             input_size=card.input_size,
             slice_axis=card.slice_axis,
-            training={
-                "method": (
-                    "unsupervised MRI->CT adaptation (Dou et al. 2018): domain adaptation module "
-                    "(trainable copy of the first encoder stages) against a Wasserstein domain "
-                    "critic on multi-level features and logits; higher layers frozen from the "
-                    "source model"
-                ),
-                "source_model": {
-                    "path": str(source_path),
-                    "modality": card.modality,
-                    "normalization": card.normalization.to_dict(),
-                    "method": card.training.get("method"),
-                    "data": card.training.get("data"),
-                },
-                "dam_stages": dam_stages,
-                "dam_layers": list(dam_prefixes(dam_stages)),
-                "encoder_stages": n_stages,
-                "settings": settings.to_dict(),
-                "data": {
-                    "target_scans": [list(v.shape) for v in job.target],
-                    "target_sources": [str(v.header.get("path", "in memory")) for v in job.target],
-                    "source_scans": [list(v.shape) for v in source_volumes],
-                    "slice_axis": axis,
-                },
-                "ct_labels_used": False,
-                "started_from": str(source_path),
-                "steps_done": steps_done,
-                "steps_planned": total,
-                "seed": job.seed,
-                "device": device_text,
-                "precision": precision.name,
-                "train_seconds": round(time.perf_counter() - start, 1),
-            },
+            training=training,
             # The domain adaptation module learnt CT slices of one plane only: predict
             # along that plane, whatever planes the source model averaged.
             inference={**card.inference, "planes": [card.slice_axis]},
@@ -482,9 +656,48 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
 
     def save(steps_done: int) -> Path:
         model_card = card_for(steps_done)
-        state = nn.ModuleDict({"critic": critic})
+        state = nn.ModuleDict({"critic": critic, "last": target_net})
         save_checkpoint(state_path(out), state, model_card, optimizer=optimizer)
-        return save_checkpoint(out, target_net, model_card)
+        if not selecting:
+            return save_checkpoint(out, target_net, model_card)
+        last = _dam_state(target_net, prefixes)
+        target_net.load_state_dict(best_dam, strict=False)
+        try:
+            return save_checkpoint(out, target_net, model_card)
+        finally:
+            target_net.load_state_dict(last, strict=False)
+
+    def check(steps_done: int) -> dict[str, float]:
+        """Score the current weights; keep them if they are the best so far."""
+        nonlocal best_dam
+        assert reference is not None
+        scores = label_free_scores(target_net, reference, device, precision)
+        checks.append({"step": float(steps_done), **scores})
+        if job.checkpoints_dir is not None:
+            Path(job.checkpoints_dir).mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                Path(job.checkpoints_dir) / f"step_{steps_done}.safetensors",
+                target_net,
+                card_for(steps_done),
+            )
+        if not selecting:
+            return scores
+        q = quality(scores, settings.check)
+        if not selection:
+            selection.update(
+                check=settings.check,
+                start_score=scores[settings.check],
+                best_step=steps_done,
+                best_score=scores[settings.check],
+                kept_start=True,
+                checks_done=0,
+            )
+        elif q > quality({settings.check: selection["best_score"]}, settings.check):
+            best_dam = _dam_state(target_net, prefixes)
+            selection.update(best_step=steps_done, best_score=scores[settings.check])
+            selection["kept_start"] = False
+        selection["checks_done"] += 1
+        return scores
 
     def critic_update() -> float:
         with torch.no_grad():
@@ -501,21 +714,57 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             critic.clip_(settings.clip)
         return float((score_real - score_fake).detach())
 
-    def dam_update() -> float:
+    def dam_update() -> dict[str, float]:
         critic.requires_grad_(False)
         optimizer.zero_grad(set_to_none=True)
-        loss = -critic(features(target_net, sample(target_stacks))).mean()
+        adversarial = -critic(features(target_net, sample(target_stacks))).mean()
+        loss = adversarial
+        terms = {"dam": float(adversarial.detach())}
+        if painted is not None:
+            windows, targets, _ = painted
+            # All painted slices when they fit in a batch; else a sample drawn apart from
+            # the adversarial batches, so that painting does not change which CT they see.
+            pick = (
+                torch.arange(len(targets))
+                if len(targets) <= settings.batch_size
+                else torch.from_numpy(
+                    painted_rng.choice(len(targets), settings.batch_size, replace=False)
+                )
+            )
+            x, y = windows[pick].to(device), targets[pick].to(device)
+            with autocast(device, precision):
+                encoded = target_net.encoder(x)
+                logits = (target_net.decoder_a(encoded), target_net.decoder_b(encoded))
+            per_stream = [
+                dice_ce_loss(z, y, class_balance=SUPERVISED_CLASS_BALANCE)[0] for z in logits
+            ]
+            supervised = torch.stack(per_stream).mean()
+            loss = loss + settings.supervised_weight * supervised
+            terms["supervised"] = float(supervised.detach())
         loss.backward()
         optimizer.step()
         critic.requires_grad_(True)
-        return float(loss.detach())
+        return terms
 
     yield Notice(
         f"Adapting {source_path.name} ({card.modality}) to {len(job.target)} CT scan(s) on "
         f"{device_text}: DAM = the first {dam_stages} of {n_stages} encoder stages, "
         f"{settings.critic_updates} critic updates per DAM update, {settings.warmup_steps} "
-        f"critic-only warm-up steps, {total} steps, {len(source_stacks)} MRI scan(s)."
+        f"critic-only warm-up steps, {total} steps, {len(source_stacks)} MRI scan(s)"
+        + (
+            f", {len(painted[2])} painted CT slice(s) ({', '.join(map(str, painted[2][:8]))})"
+            if painted is not None
+            else ""
+        )
+        + (
+            f"; every {settings.check_every} steps the {settings.check.replace('_', ' ')} "
+            "check decides which checkpoint to keep (the start included)."
+            if selecting
+            else "."
+        )
     )
+    if checking and step0 == 0:
+        check(0)
     step = step0
     if step0 >= total:
         yield Notice(f"The checkpoint has already done {step0} of {total} steps: nothing to train.")
@@ -524,7 +773,8 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             checkpoint = save(step)
             yield Done(
                 checkpoint,
-                _summary(step, total, losses, start, device_text, dam_stages),
+                _summary(step, total, losses, start, device_text, dam_stages, selection, checks)
+                | ({"verdict": verdict()} if selection else {}),
                 cancelled=True,
             )
             return
@@ -536,13 +786,21 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
         estimates = [critic_update() for _ in range(settings.critic_updates)]
         losses = {"wasserstein": estimates[-1]}
         if not warming_up:
-            losses["dam"] = dam_update()
+            losses.update(dam_update())
         if not all(math.isfinite(v) for v in losses.values()):
             raise FewLabelError(
                 "Adaptation diverged (a loss became NaN/Inf): lower the learning rate, or "
                 "check the scans for extreme values."
             )
         step += 1
+        extra = {
+            "warmup": 1.0 if warming_up else 0.0,
+            "learning_rate": lr,
+            "wasserstein_mean": float(np.mean(estimates)),
+        }
+        if checking and (step % settings.check_every == 0 or step == total):
+            scores = check(step)
+            extra.update({f"check_{k}": v for k, v in scores.items()})
         step_times.append(time.perf_counter() - t0)
         yield Progress(
             step=step,
@@ -552,17 +810,23 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             device=device_text,
             memory_mb=memory_mb(device),
             phase="adapt",
-            extra={
-                "warmup": 1.0 if warming_up else 0.0,
-                "learning_rate": lr,
-                "wasserstein_mean": float(np.mean(estimates)),
-            },
+            extra=extra,
         )
         if time.perf_counter() - last_save >= job.checkpoint_every_s:
             save(step)
             last_save = time.perf_counter()
     checkpoint = save(step)
-    yield Done(checkpoint, _summary(step, total, losses, start, device_text, dam_stages))
+    if selection:
+        yield Notice(
+            verdict()
+            + f" ({settings.check.replace('_', ' ')}: {selection['start_score']:.3f} at the "
+            f"start, {selection['best_score']:.3f} kept).",
+            level="warning" if selection["kept_start"] else "info",
+        )
+    summary = _summary(step, total, losses, start, device_text, dam_stages, selection, checks)
+    if selection:
+        summary["verdict"] = verdict()
+    yield Done(checkpoint, summary)
 
 
 def _resume(
@@ -573,8 +837,13 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     dam_stages: int,
     device: torch.device,
-) -> int:
-    """Load an earlier run's DAM, critic and optimizer; return its steps done."""
+) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
+    """Load an earlier run's kept DAM, critic and optimizer into the networks.
+
+    Returns its steps done, its checkpoint selection so far (empty without
+    one) and the DAM weights of its last step (empty when the state file
+    predates them: then the kept ones go on).
+    """
     assert job.resume_from is not None
     path = resolve_model(job.resume_from)
     state = state_path(path)
@@ -607,10 +876,14 @@ def _resume(
             f"{path.name} lacks DAM weights ({missing[0]}): it is damaged; start anew."
         )
     target_net.load_state_dict({**target_net.state_dict(), **dam_state})
+    state_tensors = read_model_tensors(state)
     critic_state = {
-        k.removeprefix("critic."): v
-        for k, v in read_model_tensors(state).items()
-        if k.startswith("critic.")
+        k.removeprefix("critic."): v for k, v in state_tensors.items() if k.startswith("critic.")
+    }
+    last_dam = {
+        k.removeprefix("last."): v
+        for k, v in state_tensors.items()
+        if k.startswith("last.") and k.removeprefix("last.").startswith(prefixes)
     }
     try:
         critic.load_state_dict(critic_state)
@@ -623,7 +896,11 @@ def _resume(
     optimizer_state = load_optimizer_state(state)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    return int(card.training.get("steps_done", 0))
+    selection = dict(card.training.get("selection") or {})
+    selection.pop("verdict", None)
+    if selection and selection.get("check") != job.settings.check:
+        selection = {}  # another check: the kept weights compete anew from the next check
+    return int(card.training.get("steps_done", 0)), selection, last_dam
 
 
 def _summary(
@@ -633,8 +910,12 @@ def _summary(
     start: float,
     device: str,
     dam_stages: int,
+    selection: Mapping[str, Any],
+    checks: list[dict[str, float]],
 ) -> dict[str, Any]:
     return {
+        "selection": dict(selection),
+        "checks": checks,
         "steps_done": step,
         "steps_planned": total,
         "train_seconds": round(time.perf_counter() - start, 1),
