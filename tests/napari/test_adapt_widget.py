@@ -11,10 +11,10 @@ import pytest
 from napari_fewlabel.data.phantoms import cardiac_phantom
 from napari_fewlabel.models.checkpoint import load_optimizer_state, read_card
 from napari_fewlabel.models.unet2d import UNetConfig
-from napari_fewlabel.napari._adapt_widget import CHOOSE, AdaptWidget
+from napari_fewlabel.napari._adapt_widget import CHOOSE, NO_CT_LABELS, AdaptWidget
 from napari_fewlabel.napari._layers import PREDICTION_KEY, image_layer_data
 from napari_fewlabel.train import finetune
-from napari_fewlabel.train.events import Done, Progress
+from napari_fewlabel.train.events import Done, Notice, Progress
 from notifications import notifications
 
 pytestmark = pytest.mark.gui
@@ -170,3 +170,37 @@ def test_an_encoder_as_source_fails_in_the_job_with_a_notification(viewer_and_wi
     qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=120_000)
     assert len(failures) == 1 and failures[0].user_error
     assert widget.start_button.text() == "Start"
+
+
+def test_painted_ct_slices_join_adaptation(viewer_and_widget, mr_model, pair, qtbot, tmp_path):
+    viewer, widget = viewer_and_widget
+    _, ct = pair
+    widget.add_model_file(mr_model)
+    assert widget.ct_labels_combo.currentText() == NO_CT_LABELS
+    painted = np.zeros(ct.image.shape, dtype=np.uint8)
+    painted[8] = ct.labels.array[8]
+    viewer.add_labels(painted, name="ct labels", scale=viewer.layers["ct"].scale)
+    widget.ct_labels_combo.setCurrentIndex(widget.ct_labels_combo.findText("ct labels"))
+    widget.steps_spin.setValue(2)
+    events = []
+    widget.runner.job_event.connect(events.append)
+    assert widget.start()
+    qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=300_000)
+    assert any(isinstance(e, Notice) and "1 painted CT slice(s) (8)" in e.message for e in events)
+    done = [e for e in events if isinstance(e, Done)]
+    assert len(done) == 1 and done[0].summary["verdict"] in widget.status.text()
+    card = read_card(widget.save_model(tmp_path / "with-labels"))
+    assert card.training["ct_labels_used"] is True and card.training["ct_labelled_slices"] == [8]
+    # The prediction layer is not offered as CT labels.
+    names = [widget.ct_labels_combo.itemText(i) for i in range(widget.ct_labels_combo.count())]
+    assert "ct prediction (adapted)" not in names and "ct labels" in names
+
+
+def test_ct_labels_of_another_shape_are_refused(viewer_and_widget, mr_model):
+    viewer, widget = viewer_and_widget
+    widget.add_model_file(mr_model)
+    viewer.add_labels(np.ones((4, 8, 8), dtype=np.uint8), name="other")
+    widget.ct_labels_combo.setCurrentIndex(widget.ct_labels_combo.findText("other"))
+    messages = notifications(widget.start)
+    assert any("The labels layer other is (4, 8, 8) voxels" in m for m in messages)
+    assert not widget.runner.is_running

@@ -4,12 +4,16 @@
    or a file).
 2. Scans: the CT layers to adapt to (ticked), the MRI layers like those the
    model learnt from (ticked; none ticked = the scan named in the model card),
-   and the CT to segment afterwards.
+   optionally a Labels layer with one or two painted slices of the first
+   ticked CT (their Dice + cross-entropy joins every DAM update), and the CT
+   to segment afterwards.
 3. Device (the one in use is always shown), budget in joint updates and the
    critic's objective (weight clipping as in the paper, or WGAN-GP).
 4. Start / Stop, progress with ETA, a live plot of the critic's Wasserstein
    estimate and the DAM loss.
-5. The "<CT> prediction (adapted)" layer and Save model...
+5. The "<CT> prediction (adapted)" layer and Save model...; the status says
+   which checkpoint was kept (the label-free check), or that none beat the
+   start and the MRI model applied with the HU window is kept.
 
 The job (``jobs.adapt_and_predict``) runs in a child process like fine-tuning,
 so napari stays responsive and Stop keeps the adapted model so far.
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -43,7 +47,12 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume
 from napari_fewlabel.jobs import SegmentationReady, adapt_and_predict
 from napari_fewlabel.napari._job_widget import JobWidget
-from napari_fewlabel.napari._layers import layer_meta, show_prediction, volume_from_layer
+from napari_fewlabel.napari._layers import (
+    PREDICTION_KEY,
+    layer_meta,
+    show_prediction,
+    volume_from_layer,
+)
 from napari_fewlabel.napari._plot import LinePlot
 from napari_fewlabel.napari._runner import JobFailed, notify_failure
 from napari_fewlabel.train.events import Done, Notice, Progress
@@ -53,6 +62,7 @@ if TYPE_CHECKING:
 
 FROM_FILE = "From file..."
 CHOOSE = "(choose a model trained on MRI)"
+NO_CT_LABELS = "(none: no CT label)"
 
 
 def _items(lst: QListWidget) -> list[QListWidgetItem]:
@@ -90,6 +100,7 @@ class AdaptWidget(JobWidget):
         super().__init__(napari_viewer, scratch_prefix="fewlabel-adapt-")
         self._checkpoint: Path | None = None
         self._predict_layer: Image | None = None
+        self._verdict = ""
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._build_model_box())
@@ -132,8 +143,15 @@ class AdaptWidget(JobWidget):
         for lst in (self.target_list, self.source_list):
             lst.setMaximumHeight(90)
         self.predict_combo = QComboBox()
+        self.ct_labels_combo = QComboBox()
+        self.ct_labels_combo.setToolTip(
+            "Optional: a Labels layer on the first ticked CT with one or two painted slices "
+            "(the model's classes; unpainted slices stay 0). They are learnt with Dice + "
+            "cross-entropy in every DAM update, besides the critic."
+        )
         form.addRow("Target CT", self.target_list)
         form.addRow("Source MRI", self.source_list)
+        form.addRow("CT labels", self.ct_labels_combo)
         form.addRow("Then segment", self.predict_combo)
         return box
 
@@ -202,6 +220,14 @@ class AdaptWidget(JobWidget):
         index = self.predict_combo.findData(current) if current is not None else -1
         if index >= 0:
             self.predict_combo.setCurrentIndex(index)
+        chosen = self.ct_labels_combo.currentData()
+        self.ct_labels_combo.clear()
+        self.ct_labels_combo.addItem(NO_CT_LABELS, None)
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and not layer.metadata.get(PREDICTION_KEY):
+                self.ct_labels_combo.addItem(layer.name, layer)
+        index = self.ct_labels_combo.findData(chosen) if chosen is not None else -1
+        self.ct_labels_combo.setCurrentIndex(max(index, 0))
 
     @staticmethod
     def _ticked(lst: QListWidget) -> list[Image]:
@@ -308,9 +334,11 @@ class AdaptWidget(JobWidget):
         if predict_layer is None or predict_layer not in self.viewer.layers:
             predict_layer = targets[0]
         self._predict_layer = predict_layer
+        target = tuple(self._volume(t, "CT") for t in targets)
         job = AdaptJob(
             source_model=model,
-            target=tuple(self._volume(t, "CT") for t in targets),
+            target=target,
+            target_labels=self._ct_labels(targets[0], target[0]),
             source=tuple(self._volume(s, "MR") for s in self._ticked(self.source_list)),
             out=self._workdir / f"adapted-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
             steps=self.steps_spin.value(),
@@ -318,6 +346,25 @@ class AdaptWidget(JobWidget):
             settings=AdaptSettings.for_objective(self.critic_combo.currentData()),
         )
         return job, self._volume(predict_layer, "CT")
+
+    def _ct_labels(self, first: Image, ct: Volume) -> Volume | None:
+        """The chosen Labels layer as a label map on the first ticked CT's grid, or None."""
+        layer = self.ct_labels_combo.currentData()
+        if layer is None or layer not in self.viewer.layers:
+            return None
+        data = np.asarray(layer.data)
+        if data.shape != ct.shape:
+            raise FewLabelError(
+                f"The labels layer {layer.name} is {data.shape} voxels but the first ticked CT, "
+                f"{first.name}, is {ct.shape}: paint the CT slices on a Labels layer of that CT "
+                "(Layers > New Labels layer with it selected)."
+            )
+        if not data.any():
+            raise FewLabelError(
+                f"Nothing is painted in {layer.name}: paint one or two CT slices with the "
+                f"model's classes, or choose '{NO_CT_LABELS}' under 'CT labels'."
+            )
+        return ct.with_array(data.astype(np.int64))
 
     def stop(self) -> None:
         """Stop adapting (kept: the adapted model so far, then a prediction with it)."""
@@ -335,7 +382,11 @@ class AdaptWidget(JobWidget):
             self.save_model_button.setEnabled(event.checkpoint is not None)
             self.start_button.setText("Cancel prediction")
             what = "Stopped" if event.cancelled else "Adaptation done"
-            self.status.setText(f"{what}; segmenting the CT with the adapted model...")
+            verdict = event.summary.get("verdict")
+            self._verdict = f" ({verdict})" if verdict else ""
+            self.status.setText(
+                f"{what}{self._verdict}; segmenting the CT with the adapted model..."
+            )
             self.progress.setRange(0, 0)
         elif isinstance(event, SegmentationReady):
             self._show_prediction(event)
@@ -350,7 +401,8 @@ class AdaptWidget(JobWidget):
         self._checkpoint = event.checkpoint
         self.save_model_button.setEnabled(True)
         self.status.setText(
-            "Done: the adapted prediction is shown. Save model... keeps the CT model."
+            f"Done{self._verdict}: the adapted prediction is shown. Save model... keeps the CT "
+            "model."
         )
 
     def _on_failed(self, failure: JobFailed) -> None:
