@@ -36,6 +36,12 @@ critic's Wasserstein estimate at the check step is one more candidate (lower
 is better; no value at the start). No supervised upper bound is trained::
 
     python benchmarks/adaptation.py --measure-checks --only head --adapt-steps 150
+
+``--one-ct-slice`` compares, with one labelled CT slice (the one with the
+most foreground; on the head pair, the most brain): fine-tuning from the MR
+model on that slice alone (`fewlabel finetune --model mr.safetensors`, the
+default method, ``--finetune-steps``), and adaptation with that slice as
+``--target-labels`` (``--adapt-steps``); both scored on the whole CT as above.
 """
 
 from __future__ import annotations
@@ -85,7 +91,12 @@ def train_supervised(
     net: UNetConfig,
     device: str,
 ) -> Path:
-    """A model trained supervised on every slice of ``scan`` (labels all there)."""
+    """A model trained supervised on every slice of ``scan`` (labels all there).
+
+    Kept when ``out`` is already there (``--work-dir`` reused: same settings assumed).
+    """
+    if out.is_file():
+        return out
     job = finetune.FinetuneJob(
         image=scan.image,
         labels=scan.labels,
@@ -128,6 +139,14 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "source_on_ct": mean_dice(source_model, ct),
         "source_on_ct_hu_window": mean_dice(as_ct, ct),
     }
+    if args.one_ct_slice:
+        slice_index = int(np.argmax((ct.labels.array > 0).sum(axis=(1, 2))))
+        row["one_ct_slice"] = one_slice(
+            source, ct.image, ct.labels, mr.image, slice_index, ct.classes, folder, args,
+            lambda m: mean_dice(m, ct),
+        )  # fmt: skip
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        return row
     if args.measure_checks:
         row["checks"] = measure_checks(
             source, ct.image, mr.image, folder / "checks", args, lambda m: mean_dice(m, ct)
@@ -160,6 +179,63 @@ def settings_from(args: argparse.Namespace) -> adapt.AdaptSettings:
     )
 
 
+def one_slice(
+    source: Path,
+    ct: Volume,
+    ct_labels: Volume,
+    mri: Volume,
+    slice_index: int,
+    classes: tuple[SegmentationClass, ...],
+    folder: Path,
+    args: argparse.Namespace,
+    true_dice: Any,
+) -> dict[str, Any]:
+    """Fine-tuning from the MR model on one CT slice vs adaptation with that slice."""
+    painted = np.zeros_like(ct_labels.array)
+    painted[slice_index] = ct_labels.array[slice_index]
+    labels = ct_labels.with_array(painted)
+    t0 = time.perf_counter()
+    tuned = finetune.FinetuneJob(
+        image=ct,
+        labels=labels,
+        out=folder / "tuned-one-slice.safetensors",
+        classes=classes,
+        model=source,
+        steps=args.finetune_steps,
+        device=args.device,
+        checkpoint_every_s=1e9,
+    )
+    for _ in finetune.run(tuned):
+        pass
+    finetune_seconds = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    job = adapt.AdaptJob(
+        source_model=source,
+        target=(ct,),
+        target_labels=labels,
+        source=(mri,),
+        out=folder / "adapted-one-slice.safetensors",
+        steps=args.adapt_steps,
+        device=args.device,
+        settings=settings_from(args),
+        checkpoint_every_s=1e9,
+    )
+    done = None
+    for event in adapt.run(job):
+        if isinstance(event, Done):
+            done = event
+    assert done is not None
+    return {
+        "slice": slice_index,
+        "finetune_steps": args.finetune_steps,
+        "finetune_from_mr_model_on_the_slice": true_dice(load_checkpoint(tuned.out)),
+        "finetune_seconds": finetune_seconds,
+        "adapted_with_the_slice": true_dice(load_checkpoint(job.out)),
+        "adapt_verdict": done.summary.get("verdict"),
+        "adapt_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
 def measure_checks(
     source: Path,
     target: Volume,
@@ -170,6 +246,7 @@ def measure_checks(
 ) -> dict[str, Any]:
     """Every checked checkpoint's label-free scores against its true Dice (``true_dice(model)``)."""
     t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
     job = adapt.AdaptJob(
         source_model=source,
         target=(target,),
@@ -278,6 +355,14 @@ def head_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "source_on_ct": score(source_model),
         "source_on_ct_hu_window": score(as_ct),
     }
+    if args.one_ct_slice:
+        slice_index = int(np.argmax((ct.labels.array == 2).sum(axis=(1, 2))))
+        row["one_ct_slice"] = one_slice(
+            source, ct.image, ct.labels, mr.image, slice_index, classes, folder, args,
+            lambda m: score(m)["mean"],
+        )  # fmt: skip
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        return row
     if args.measure_checks:
         row["checks"] = measure_checks(source, ct.image, mr.image, folder / "checks", args, score)
         row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -315,9 +400,24 @@ def main() -> None:
         help="score every checked checkpoint by the label-free checks and by its true Dice",
     )
     parser.add_argument("--check-every", type=int, default=25, metavar="STEPS")
+    parser.add_argument(
+        "--one-ct-slice",
+        action="store_true",
+        help="fine-tuning from the MR model on one CT slice vs adaptation with that slice",
+    )
+    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep the models here and reuse the source models trained there (default: a "
+        "temporary folder)",
+    )
     args = parser.parse_args()
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.work_dir is not None:
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.work_dir)
         if args.only in (None, "phantom"):
             torch.manual_seed(0)
             result["phantom"] = phantom_pair(args, Path(tmp))

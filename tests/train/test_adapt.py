@@ -384,6 +384,39 @@ def _reference_like_the_job(job: adapt.AdaptJob) -> adapt_check.CheckReference:
     )
 
 
+def test_resume_goes_on_from_the_last_weights_and_keeps_the_kept_ones(
+    make_job, source_model, tmp_path
+):
+    settings = replace(QUICK, check="start_agreement", check_every=1)
+    cancel = threading.Event()
+    job = make_job(steps=4, settings=settings)
+    for event in adapt.run(job, cancel):
+        if isinstance(event, Progress) and event.step == 2:
+            cancel.set()
+    last = {
+        k.removeprefix("last."): v
+        for k, v in read_model_tensors(adapt.state_path(job.out)).items()
+        if k.startswith("last.encoder.")
+    }
+    source = read_model_tensors(source_model)
+    assert any(not torch.equal(v, source[k]) for k, v in last.items())
+    # Learning rate 0: step 3 leaves the DAM where the resumed run found it.
+    resumed = replace(
+        job,
+        steps=3,
+        resume_from=job.out,
+        out=tmp_path / "resumed.safetensors",
+        settings=replace(settings, learning_rate=0.0),
+        checkpoints_dir=tmp_path / "every",
+    )
+    done = _run(resumed)[-1]
+    assert isinstance(done, Done) and done.summary["verdict"] == adapt.NO_IMPROVEMENT
+    step_3 = read_model_tensors(tmp_path / "every" / "step_3.safetensors")
+    assert all(torch.equal(step_3[k], v) for k, v in last.items())
+    kept = read_model_tensors(resumed.out)
+    assert all(torch.equal(v, source[k]) for k, v in kept.items())
+
+
 def test_check_last_keeps_the_last_weights(make_job, tmp_path):
     job = make_job(settings=replace(QUICK, check="last"), checkpoints_dir=tmp_path / "every")
     done = _run(job)[-1]

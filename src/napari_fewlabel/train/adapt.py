@@ -564,6 +564,18 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             job, source_net, target_net, critic, optimizer, dam_stages, device
         )
         best_dam = _dam_state(target_net, prefixes)
+        if selecting and not selection:
+            # A run without this check's record: the resumed weights are what to beat.
+            assert reference is not None
+            resumed = label_free_scores(target_net, reference, device, precision)
+            selection = {
+                "check": settings.check,
+                "start_score": float("nan"),
+                "best_step": step0,
+                "best_score": resumed[settings.check],
+                "kept_start": False,
+                "checks_done": 1,
+            }
         if last_dam:
             target_net.load_state_dict(last_dam, strict=False)
         yield Notice(f"Resuming from {Path(job.resume_from).name} at step {step0}.")
