@@ -31,7 +31,9 @@ updates (and at the start) the adapted network is written, scored by every
 candidate on the CT without labels and by its true Dice; per candidate the
 JSON gives Spearman's rho between the candidate (signed so that higher means
 better) and the true Dice over the checkpoints, and the true Dice of the
-checkpoint the candidate would keep (the start unless one beats it). The
+checkpoint the candidate would keep with no margin (the start unless one
+beats it); ``adapted_true_dice`` is the model adaptation wrote (the default
+check, with its margin). The
 critic's Wasserstein estimate at the check step is one more candidate (lower
 is better; no value at the start). No supervised upper bound is trained::
 
@@ -289,10 +291,13 @@ def measure_checks(
             "kept_step": best["step"],
             "kept_true_dice": best["true_dice"],
         }
+    kept = true_dice(load_checkpoint(job.out))
     return {
         "objective": args.objective,
         "adapt_steps": args.adapt_steps,
         "check_every": args.check_every,
+        "adapted_true_dice": kept["mean"] if isinstance(kept, dict) else kept,
+        "adapted_selection": done.summary["selection"],
         "start_true_dice": rows[0]["true_dice"],
         "last_true_dice": rows[-1]["true_dice"],
         "best_true_dice": max(r["true_dice"] for r in rows),

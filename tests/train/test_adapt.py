@@ -20,7 +20,12 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume
 from napari_fewlabel.losses.dice_ce import dice_ce_loss
-from napari_fewlabel.models.checkpoint import load_checkpoint, read_card, read_model_tensors
+from napari_fewlabel.models.checkpoint import (
+    load_checkpoint,
+    read_card,
+    read_model_tensors,
+    save_checkpoint,
+)
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train import adapt, adapt_check, finetune
 from napari_fewlabel.train.device import precision_for
@@ -102,7 +107,7 @@ def _split(path: Path, dam_stages: int) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def test_frozen_layers_stay_bit_identical_and_the_dam_moves(make_job, source_model):
-    job = make_job()
+    job = make_job(settings=replace(QUICK, check="last"))  # the last weights, whatever the check
     _run(job)
     source = read_model_tensors(source_model)
     dam, frozen = _split(job.out, 2)
@@ -329,7 +334,7 @@ def test_the_checkpoint_with_the_best_check_is_the_one_written(make_job, tmp_pat
     check = "proportion_gap"  # lower is better
     job = make_job(
         steps=4,
-        settings=replace(QUICK, check=check, check_every=1),
+        settings=replace(QUICK, check=check, check_every=1, check_margin=0.0),
         checkpoints_dir=tmp_path / "every",
     )
     done = _run(job)[-1]
@@ -415,6 +420,65 @@ def test_resume_goes_on_from_the_last_weights_and_keeps_the_kept_ones(
     assert all(torch.equal(step_3[k], v) for k, v in last.items())
     kept = read_model_tensors(resumed.out)
     assert all(torch.equal(v, source[k]) for k, v in kept.items())
+
+
+#: Supervised steps of each known checkpoint: enough for a clear Dice gap on the CT.
+KNOWN_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def two_known_checkpoints(pair, tmp_path_factory) -> tuple[Path, Path]:
+    """An MR model (supervised) fed CT through the HU window, and it fine-tuned on the CT's labels."""
+    mr, ct = pair
+    folder = tmp_path_factory.mktemp("known")
+    settings = replace(finetune.FinetuneSettings.supervised(), validation_min_labelled=999)
+    torch.manual_seed(0)
+    worse = folder / "mr.safetensors"
+    list(
+        finetune.run(
+            finetune.FinetuneJob(
+                image=mr.image, labels=mr.labels, out=worse, classes=mr.classes, model="random",
+                steps=KNOWN_STEPS, device="cpu", settings=settings, architecture=TINY_NET,
+                checkpoint_every_s=3600.0,
+            )
+        )
+    )  # fmt: skip
+    # The same network fed the CT through the HU window, then taught the CT's labels.
+    as_ct = folder / "mr-as-ct.safetensors"
+    model = load_checkpoint(worse)
+    card = replace(model.card, normalization=NormalizationConfig("ct_window"), modality="CT")
+    save_checkpoint(as_ct, model.network, card)
+    better = folder / "ct.safetensors"
+    list(
+        finetune.run(
+            finetune.FinetuneJob(
+                image=ct.image, labels=ct.labels, out=better, classes=ct.classes, model=as_ct,
+                steps=KNOWN_STEPS, device="cpu", settings=settings, checkpoint_every_s=3600.0,
+            )
+        )
+    )  # fmt: skip
+    return as_ct, better
+
+
+def test_the_default_check_picks_the_better_of_two_known_checkpoints(
+    pair, two_known_checkpoints, make_job
+):
+    _, ct = pair
+    worse, better = two_known_checkpoints
+    dice = {path: _dice_on(path, ct) for path in (worse, better)}
+    assert dice[better] > dice[worse] + 0.1, dice  # known: CT labels made it better
+    reference = _reference_like_the_job(replace(make_job(), source_model=worse))
+    cpu = torch.device("cpu")
+    quality = {
+        path: adapt_check.quality(
+            adapt_check.label_free_scores(
+                load_checkpoint(path).network.eval(), reference, cpu, precision_for(cpu)
+            ),
+            adapt.DEFAULT_CHECK,
+        )
+        for path in (worse, better)
+    }
+    assert quality[better] > quality[worse] + adapt.AdaptSettings().check_margin, (dice, quality)
 
 
 def test_check_last_keeps_the_last_weights(make_job, tmp_path):

@@ -153,6 +153,10 @@ class AdaptSettings:
         HU-windowed CT) and every ``check_every`` joint updates are scored, and
         the best is written; when none beats the start, the start is.
         ``"last"``: keep the last checkpoint, whatever the check says.
+    check_margin : float
+        A checkpoint replaces the kept one (the start, at first) only when its
+        check is better by more than this: on the real head pair the stream
+        agreement of a worse checkpoint came within 0.0002 of the start's.
     check_every : int
         Joint updates between checks (0: no check, keep the last).
     check_slices : int
@@ -177,6 +181,7 @@ class AdaptSettings:
     target_normalization: Literal["ct_window", "percentile_zscore"] = "ct_window"
     ct_window_hu: tuple[float, float] = (-300.0, 400.0)
     check: str = DEFAULT_CHECK
+    check_margin: float = 0.01
     check_every: int = 25
     check_slices: int = 32
     supervised_weight: float = 1.0
@@ -186,8 +191,10 @@ class AdaptSettings:
             raise FewLabelError(
                 f"check must be 'last' or one of {', '.join(HIGHER_IS_BETTER)}, got {self.check!r}."
             )
-        if self.check_every < 0 or self.check_slices < 1:
-            raise FewLabelError("check_every must be >= 0 and check_slices at least 1.")
+        if self.check_every < 0 or self.check_slices < 1 or self.check_margin < 0:
+            raise FewLabelError(
+                "check_every and check_margin must be >= 0 and check_slices at least 1."
+            )
         if self.supervised_weight < 0:
             raise FewLabelError(f"supervised_weight must be >= 0, got {self.supervised_weight}.")
         if self.dam_stages is not None and self.dam_stages < 1:
@@ -704,7 +711,11 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                 kept_start=True,
                 checks_done=0,
             )
-        elif q > quality({settings.check: selection["best_score"]}, settings.check):
+        elif (
+            q
+            > quality({settings.check: selection["best_score"]}, settings.check)
+            + settings.check_margin
+        ):
             best_dam = _dam_state(target_net, prefixes)
             selection.update(best_step=steps_done, best_score=scores[settings.check])
             selection["kept_start"] = False
