@@ -85,7 +85,7 @@ def main() -> None:
     cases = [load_case(name, 128, args.cache) for name in args.cases]
     if args.mri_case is not None:
         cases.insert(0, read_case(args.mri_case))
-    plain = FinetuneSettings()
+    plain = replace(FinetuneSettings(), stop_when_converged=None)
     early = replace(plain, stop_when_converged=ConvergenceRule())
     results = []
     for case in cases:

@@ -52,6 +52,13 @@ def test_finetune_predict_evaluate(scan_files, capsys, monkeypatch):
     card = read_card(model)
     assert card.modality == "CT" and card.normalization.method == "ct_window"
     assert card.class_names == tuple(names.split(","))
+    assert card.training["settings"]["stop_when_converged"]["speedup"] == 2.0  # the default
+
+    every = folder / "every.safetensors"
+    assert main(["finetune", str(image), str(labels), "--out", str(every), "--steps", "1",
+                 "--device", "cpu", "--classes", names, "--every-step"]) == 0  # fmt: skip
+    assert read_card(every).training["settings"]["stop_when_converged"] is None
+    capsys.readouterr()
 
     mask = folder / "mask.nii.gz"
     assert main(["predict", str(model), str(image), "--out", str(mask), "--device", "cpu"]) == 0

@@ -500,6 +500,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "plane only; auto: all unless one of several painted structures is small (default: the method's; "
         "docs/engine.md)",
     )
+    p.add_argument(
+        "--every-step",
+        action="store_true",
+        help="do every step even when the run has converged (by default, once the streams' "
+        "agreement and the labelled loss have plateaued the rest of the schedule runs twice "
+        "as fast)",
+    )
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -526,6 +533,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     }[args.method]
     if args.planes is not None:
         settings = replace(settings, planes=args.planes)
+    if args.every_step:
+        settings = replace(settings, stop_when_converged=None)
     image = load_volume(args.image)
     labels = load_volume(args.labels)
     extra = tuple(load_volume(p) for p in args.extra_unlabelled)

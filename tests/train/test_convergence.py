@@ -65,7 +65,11 @@ def test_settings_round_trip_the_rule():
     again = FinetuneSettings.from_dict(settings.to_dict())
     assert again.stop_when_converged == ConvergenceRule(speedup=3.0)
     assert "3x faster" in " ".join(settings.differences_from_paper(1))
-    assert FinetuneSettings.from_dict(FinetuneSettings().to_dict()).stop_when_converged is None
+    default = FinetuneSettings.from_dict(FinetuneSettings().to_dict())
+    assert default.stop_when_converged == ConvergenceRule()  # the default since measured
+    before = {k: v for k, v in FinetuneSettings().to_dict().items() if k != "stop_when_converged"}
+    assert FinetuneSettings.from_dict(before).stop_when_converged is None  # an older card
+    assert FinetuneSettings.paper().stop_when_converged is None
 
 
 def test_a_real_run_that_converges_finishes_early_and_says_why(make_job, tiny_settings):
@@ -87,5 +91,6 @@ def test_a_real_run_that_converges_finishes_early_and_says_why(make_job, tiny_se
 
 
 def test_without_the_rule_every_step_is_done(make_job, tiny_settings):
-    events = list(run(make_job(steps=6, settings=tiny_settings)))
+    settings = replace(tiny_settings, stop_when_converged=None)
+    events = list(run(make_job(steps=6, settings=settings)))
     assert events[-1].summary["steps_done"] == 6 and events[-1].summary["converged"] is None

@@ -169,7 +169,8 @@ class FinetuneSettings:
         Once the streams' agreement and the supervised loss have plateaued by
         this rule (:mod:`~napari_fewlabel.train.convergence`), run the rest of
         the schedule faster (twice, by default), so easy scans finish early;
-        ``steps`` stays the upper bound. None always does every step.
+        ``steps`` stays the upper bound (the default rule; measured:
+        docs/benchmarks.md). None always does every step, as the paper does.
     class_balance : float
         Exponent of the supervised cross-entropy's class weights at the first
         step, each class weighted by its share of the slice's labelled pixels
@@ -201,7 +202,7 @@ class FinetuneSettings:
     planes: Literal["labelled", "all", "auto"] = "auto"
     labelled_plane_share: float = 0.5
     class_balance: float = 0.5
-    stop_when_converged: ConvergenceRule | None = None
+    stop_when_converged: ConvergenceRule | None = field(default_factory=ConvergenceRule)
 
     def __post_init__(self) -> None:
         if self.batch_labelled < 1 or self.batch_unlabelled < 1:
@@ -240,6 +241,7 @@ class FinetuneSettings:
             strong_view=False,
             planes="labelled",
             class_balance=0.0,
+            stop_when_converged=None,
         )
 
     @classmethod
@@ -256,6 +258,7 @@ class FinetuneSettings:
     def from_dict(cls, d: Mapping[str, Any]) -> FinetuneSettings:
         kwargs = dict(d)
         kwargs["augment"] = AugmentConfig.from_dict(kwargs.get("augment", {}))
+        kwargs.setdefault("stop_when_converged", None)  # cards from before the rule: none
         if isinstance(kwargs.get("stop_when_converged"), Mapping):
             kwargs["stop_when_converged"] = ConvergenceRule(**kwargs["stop_when_converged"])
         return cls(**kwargs)
