@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.models.checkpoint import read_card
 from napari_fewlabel.train.convergence import ConvergenceRule, ConvergenceWatch
 from napari_fewlabel.train.events import Done, Notice, Progress
 from napari_fewlabel.train.finetune import FinetuneSettings, _Clock, run
@@ -83,6 +84,9 @@ def test_a_real_run_that_converges_finishes_early_and_says_why(make_job, tiny_se
     # Converged at step 4 (progress 0.25, two checks): the remaining 12 steps take 3.
     assert done.summary["steps_done"] == 7
     assert done.summary["converged"].startswith("converged: the streams agree")
+    card = read_card(done.checkpoint)
+    assert card.training["converged"] == done.summary["converged"]
+    assert card.training["steps_done"] == 7
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert any("finishing 9 steps early" in m for m in notices)
     progress = [e for e in events if isinstance(e, Progress)]

@@ -532,6 +532,7 @@ def _model_card(
     precision: str,
     train_seconds: float,
     plane_weights: list[float],
+    converged: str | None = None,
 ) -> ModelCard:
     """The card saved with every checkpoint: what the model is and how it was trained."""
     settings, in_slices = job.settings, data.architecture.in_slices
@@ -579,6 +580,7 @@ def _model_card(
             "device": device,
             "precision": precision,
             "train_seconds": round(train_seconds, 1),
+            "converged": converged,
         },
         inference={
             "test_time_flips": settings.test_time_flips,
@@ -726,7 +728,7 @@ def run(job: FinetuneJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             job, data, use_cps=use_cps, started_from=begin.started_from,
             steps_done=steps_done, steps_planned=total, val_dice=last_val_dice,
             device=device_text, precision=precision.name, train_seconds=clock.elapsed(),
-            plane_weights=weights,
+            plane_weights=weights, converged=converged or None,
         )  # fmt: skip
         network.eval()
         path = save_checkpoint(out, network, card, optimizer=optimizer)
