@@ -116,7 +116,8 @@ class ConvergenceWatch:
         if before > 0 and last < (1 - r.max_loss_drop) * before:
             return None
         self.converged = True
+        span = f"{low:.0%}" if f"{low:.0%}" == f"{high:.0%}" else f"{low:.0%}-{high:.0%}"
         return (
-            f"converged: the streams agree on {low:.0%}-{high:.0%} of unlabelled pixels over "
+            f"converged: the streams agree on {span} of unlabelled pixels over "
             f"the last {r.window} checks and the labelled loss is flat"
         )
