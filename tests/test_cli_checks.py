@@ -49,7 +49,7 @@ def test_a_bad_argument_is_reported_before_torch_is_imported(tmp_path):
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path
     )
     assert result.stdout.split() == ["2", "False"], result.stderr
-    assert "--out must end in .nii.gz or .nii, got 'x.txt'" in result.stderr
+    assert "--out must end in .nii.gz, .nii or .dcm, got 'x.txt'" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -57,7 +57,7 @@ def test_predict_with_missing_files_and_a_wrong_extension_exits_2(tmp_path, caps
     monkeypatch.chdir(tmp_path)
     assert main(["predict", "missing.safetensors", "missing.nii.gz", "--out", "x.txt"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fewlabel: error: --out must end in .nii.gz or .nii")
+    assert err.startswith("fewlabel: error: --out must end in .nii.gz, .nii or .dcm")
     assert err.count("\n") == 1  # one line, no traceback
     assert main(["predict", "missing.safetensors", "missing.nii.gz", "--out", "x.nii.gz"]) == 2
     assert "No model file or named model 'missing.safetensors'" in capsys.readouterr().err
@@ -70,7 +70,7 @@ def test_predict_with_missing_files_and_a_wrong_extension_exits_2(tmp_path, caps
 OUTPUT_CASES = {
     "predict wrong extension": (
         ["predict", "m.safetensors", "ct.nii.gz", "--out", "{tmp}/mask.txt"],
-        "--out must end in .nii.gz or .nii",
+        "--out must end in .nii.gz, .nii or .dcm",
     ),
     "predict into a folder": (
         ["predict", "m.safetensors", "ct.nii.gz", "--out", "{tmp}/folder"],

@@ -203,7 +203,7 @@ def check_output_file(
         )
     if not out.name.lower().endswith(tuple(s.lower() for s in suffixes)):
         raise FewLabelError(
-            f"{option} must end in {' or '.join(suffixes)}, got {out.name!r}: e.g. "
+            f"{option} must end in {_either(suffixes)}, got {out.name!r}: e.g. "
             f"{option} {out.name.split('.')[0] or 'result'}{suffixes[0]}."
         )
     _check_folder_writable(_folder(out), option)
@@ -230,3 +230,8 @@ def check_output_folder(path: str | os.PathLike[str], *, option: str = "--out") 
         existing = existing.parent
     _check_folder_writable(existing if existing.exists() else Path("."), option)
     return out
+
+
+def _either(words: Sequence[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
