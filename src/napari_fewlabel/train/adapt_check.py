@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from napari_fewlabel.models.unet2d import TwoStreamUNet
+from napari_fewlabel.train import finetune_scores
 from napari_fewlabel.train.device import Precision, autocast
 
 #: The candidates and whether a higher value means a better model.
@@ -112,14 +113,10 @@ def class_proportions(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def foreground_dice(a: torch.Tensor, b: torch.Tensor, num_classes: int) -> float:
-    """Dice of two label maps averaged over the foreground classes either holds (1.0 if none)."""
-    scores = []
-    for k in range(1, num_classes):
-        in_a, in_b = a == k, b == k
-        total = int(in_a.sum() + in_b.sum())
-        if total:
-            scores.append(2 * int((in_a & in_b).sum()) / total)
-    return float(sum(scores) / len(scores)) if scores else 1.0
+    """Dice of two label maps averaged over the foreground classes either holds (1.0 if none:
+    two empty maps agree)."""
+    dice = finetune_scores.foreground_dice(a, b, num_classes)
+    return 1.0 if dice is None else dice
 
 
 def _total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
