@@ -262,9 +262,26 @@ def read_dicom_seg(
 
 
 def read_segment_labels(path: str | Path) -> tuple[str, ...]:
-    """The SegmentLabel of each segment of a DICOM SEG, in segment-number order."""
-    seg = _segread(Path(path).expanduser())
-    by_number = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    """The SegmentLabel of each segment of a DICOM SEG, in segment-number order (read from
+    the header alone: the frames are not decoded)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path).expanduser()
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        items = header.SegmentSequence if header.get("Modality") == "SEG" else None
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            InvalidDicomError) as exc:  # fmt: skip
+        items, reason = None, str(exc).strip()[:200]
+    else:
+        reason = "not a Modality SEG file"
+    if items is None:
+        raise FewLabelError(
+            f"Cannot read {path} as a DICOM SEG ({reason}): choose a segmentation file "
+            "(Modality SEG)."
+        )
+    by_number = {int(item.SegmentNumber): str(item.SegmentLabel) for item in items}
     return tuple(by_number[n] for n in sorted(by_number))
 
 
