@@ -634,3 +634,53 @@ def test_adaptation_improves_ct_dice_on_the_phantom_pair(tmp_path):
 SOURCE_STEPS = 700
 ADAPT_STEPS = 900
 IMPROVEMENT = 0.2
+
+
+def test_the_critic_sees_the_regions_given_and_the_card_records_them(make_job, pair):
+    mr, _ = pair
+    box = ((4, 12), (16, 48), (8, 56))
+    job = make_job(
+        settings=replace(QUICK, critic_region="anatomy", region_margin=0.0),
+        source_labels=mr.labels,
+        target_box=box,
+    )
+    events = _run(job)
+    notes = [e.message for e in events if isinstance(e, Notice)]
+    assert any("CT scan 1" in n and "from CT box" in n for n in notes)
+    assert any("MRI scan 1" in n and "from MRI labels" in n for n in notes)
+    regions = read_card(job.out).training["critic_regions"]
+    # 64 x 64 slices at the tiny net's 64 x 64 input: the box is the voxel box (squared).
+    first, last = regions["ct"][0]["slices"]
+    assert (first, last) == (3, 12)  # 4..11 grown by the one-slice minimum
+    # Rows 16..47 and columns 8..55 grow by two pixels, then the rows to the square input.
+    assert regions["ct"][0]["box"] == pytest.approx([6 / 64, 6 / 64, 58 / 64, 58 / 64], abs=1e-3)
+    labelled = np.flatnonzero(mr.labels.array.any(axis=(1, 2)))
+    first, last = regions["mri"][0]["slices"]
+    assert first <= labelled[0] and last >= labelled[-1] and last - first < SHAPE[0] + 1
+
+
+def test_without_a_box_the_region_comes_from_the_source_models_prediction(make_job):
+    events = _run(make_job(settings=replace(QUICK, critic_region="anatomy")))
+    notes = [e.message for e in events if isinstance(e, Notice)]
+    regional = [n for n in notes if "The critic sees" in n or "no foreground" in n]
+    assert len(regional) == 2  # one per scan: MRI and CT
+    assert all("prediction" in n or "whole slices" in n for n in regional)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"target_box": ((0, 99), (0, 64), (0, 64))}, "outside the scan"),
+        ({"source_labels": Volume.from_array(np.ones((3, 4, 5), np.uint8))}, "grid"),
+    ],
+)
+def test_a_bad_region_is_refused_before_training(make_job, changes, match):
+    job = make_job(settings=replace(QUICK, critic_region="anatomy"), **changes)
+    with pytest.raises(FewLabelError, match=match):
+        list(adapt.run(job))
+    assert not job.out.exists()
+
+
+def test_an_unknown_critic_region_is_refused():
+    with pytest.raises(FewLabelError, match="critic_region"):
+        adapt.AdaptSettings(critic_region="box")  # type: ignore[arg-type]

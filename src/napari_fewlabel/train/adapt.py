@@ -53,7 +53,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -90,7 +90,17 @@ from napari_fewlabel.train.adapt_check import (
     predicted_labels,
     quality,
 )
+from napari_fewlabel.train.adapt_region import (
+    Box,
+    CriticRegion,
+    box_foreground,
+    crop_maps,
+    labelled_foreground,
+    predicted_foreground,
+    region_of,
+)
 from napari_fewlabel.train.device import (
+    Precision,
     autocast,
     describe_device,
     memory_mb,
@@ -164,6 +174,14 @@ class AdaptSettings:
     supervised_weight : float
         Weight of the Dice + cross-entropy on painted CT slices (only with
         ``AdaptJob.target_labels``) in each DAM update.
+    critic_region : {"whole", "anatomy"}
+        What the critic sees: whole slices, or only the slices and in-plane box
+        around the anatomy in each domain (:mod:`~napari_fewlabel.train.adapt_region`;
+        from ``AdaptJob.source_labels`` / ``target_box``, else the source
+        model's prediction), as the paper's crops do.
+    region_margin : float
+        With ``"anatomy"``: the region grows by this fraction of its extent on
+        each side.
     """
 
     dam_stages: int | None = None
@@ -185,6 +203,8 @@ class AdaptSettings:
     check_every: int = 25
     check_slices: int = 32
     supervised_weight: float = 1.0
+    critic_region: Literal["whole", "anatomy"] = "whole"
+    region_margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.check != "last" and self.check not in HIGHER_IS_BETTER:
@@ -195,6 +215,12 @@ class AdaptSettings:
             raise FewLabelError(
                 "check_every and check_margin must be >= 0 and check_slices at least 1."
             )
+        if self.critic_region not in ("whole", "anatomy"):
+            raise FewLabelError(
+                f"critic_region must be 'whole' or 'anatomy', got {self.critic_region!r}."
+            )
+        if not 0 <= self.region_margin <= 1:
+            raise FewLabelError(f"region_margin must be in 0..1, got {self.region_margin}.")
         if self.supervised_weight < 0:
             raise FewLabelError(f"supervised_weight must be >= 0, got {self.supervised_weight}.")
         if self.dam_stages is not None and self.dam_stages < 1:
@@ -275,6 +301,15 @@ class AdaptJob:
     checkpoints_dir : Path, optional
         Also write every checked checkpoint there, ``step_<N>.safetensors``
         (``step_0`` is the start), to inspect or score them.
+    source_labels : Volume, optional
+        With ``settings.critic_region="anatomy"``: labels on the first MRI
+        scan's grid (e.g. the source model's training labels); the critic's
+        MRI region is around their nonzero voxels. Default: the source model's
+        prediction.
+    target_box : ((z0, z1), (y0, y1), (x0, x1)), optional
+        With ``"anatomy"``: the critic's region on the first CT scan, in voxels
+        (ends excluded). Default: the source model's prediction through the HU
+        window (the adaptation's start).
     """
 
     source_model: str | Path
@@ -289,6 +324,8 @@ class AdaptJob:
     checkpoint_every_s: float = 60.0
     target_labels: Volume | None = None
     checkpoints_dir: Path | None = None
+    source_labels: Volume | None = None
+    target_box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
 
 
 # ------------------------------------------------------------------ network
@@ -344,16 +381,23 @@ def dam_parameters(target: TwoStreamUNet) -> list[nn.Parameter]:
     return [p for p in target.parameters() if p.requires_grad]
 
 
-def critic_inputs(network: TwoStreamUNet, x: torch.Tensor, divisor: int) -> list[torch.Tensor]:
+def critic_inputs(
+    network: TwoStreamUNet,
+    x: torch.Tensor,
+    divisor: int,
+    boxes: Sequence[Box] | None = None,
+) -> list[torch.Tensor]:
     """Multi-level features and both streams' logits of ``x``, at ``input size / divisor``.
 
     Returns the encoder's feature maps below the full-resolution stem and the
-    logits of decoders A and B, each ``(B, C_i, H / divisor, W / divisor)``.
+    logits of decoders A and B, each ``(B, C_i, H / divisor, W / divisor)``;
+    with ``boxes`` (one per sample), each map is first cut to its sample's box.
     """
     features = network.encoder(x)
     logits = [network.decoder_a(features), network.decoder_b(features)]
     size = (max(1, x.shape[-2] // divisor), max(1, x.shape[-1] // divisor))
-    return resize_to([*features[1:], *logits], size)
+    maps = [*features[1:], *logits]
+    return resize_to(maps, size) if boxes is None else crop_maps(maps, boxes, size)
 
 
 # ------------------------------------------------------------------ data
@@ -457,6 +501,81 @@ def _evenly_spaced_windows(stacks: list[SliceStack], count: int, in_slices: int)
     return torch.cat(windows)
 
 
+def _critic_regions(
+    job: AdaptJob,
+    network: TwoStreamUNet,
+    stacks: tuple[list[SliceStack], list[SliceStack]],
+    source_shape: tuple[int, ...],
+    axis: int,
+    in_slices: int,
+    device: torch.device,
+    precision: Precision,
+) -> tuple[list[CriticRegion], list[CriticRegion], list[Notice]]:
+    """The MRI and CT regions the critic sees, and Notices saying where they came from."""
+    source_stacks, target_stacks = stacks
+    if job.settings.critic_region == "whole":
+        return (
+            [CriticRegion.whole(st) for st in source_stacks],
+            [CriticRegion.whole(st) for st in target_stacks],
+            [],
+        )
+    margin = job.settings.region_margin
+    notices: list[Notice] = []
+
+    def regions(side: str, given: torch.Tensor | None, given_how: str) -> list[CriticRegion]:
+        out = []
+        for i, stack in enumerate(source_stacks if side == "MRI" else target_stacks):
+            if i == 0 and given is not None:
+                mask, how = given, given_how
+            else:
+                mask = predicted_foreground(network, stack, in_slices, device, precision)
+                how = "the source model's prediction"
+            region = region_of(mask, margin)
+            if region is None:
+                if i == 0 and given is not None:
+                    raise FewLabelError(
+                        f"The {given_how} on {side} scan 1 hold no voxel: give labels or a box "
+                        "around the anatomy, or use the whole slices (critic_region='whole')."
+                    )
+                notices.append(
+                    Notice(
+                        f"The source model finds no foreground on {side} scan {i + 1}: the "
+                        "critic sees its whole slices.",
+                        level="warning",
+                    )
+                )
+                region = CriticRegion.whole(stack)
+            else:
+                top, left, bottom, right = region.box
+                notices.append(
+                    Notice(
+                        f"The critic sees slices {region.first}-{region.last} of {side} scan "
+                        f"{i + 1} and {100 * (bottom - top):.0f}% x {100 * (right - left):.0f}% "
+                        f"of each slice (from {how})."
+                    )
+                )
+            out.append(region)
+        return out
+
+    source_mask = (
+        None
+        if job.source_labels is None
+        else labelled_foreground(
+            job.source_labels.array, source_shape, axis, source_stacks[0], "MRI labels"
+        )
+    )
+    target_mask = (
+        None
+        if job.target_box is None
+        else box_foreground(job.target_box, job.target[0].array.shape, axis, target_stacks[0])
+    )
+    return (
+        regions("MRI", source_mask, "MRI labels"),
+        regions("CT", target_mask, "CT box"),
+        notices,
+    )
+
+
 def _dam_state(network: TwoStreamUNet, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """A copy of the DAM's weights (the layers under ``prefixes``)."""
     return {
@@ -523,6 +642,18 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     precision = precision_for(device)
     source_net.to(device).eval()
     target_net.to(device).eval()  # GroupNorm/InstanceNorm: no batch statistics to track
+    source_regions, target_regions, region_notices = _critic_regions(
+        job,
+        source_net,
+        (source_stacks, target_stacks),
+        source_volumes[0].array.shape,
+        axis,
+        in_slices,
+        device,
+        precision,
+    )
+    yield from region_notices
+    cropping = settings.critic_region == "anatomy"
 
     with torch.no_grad():
         probe = source_stacks[0].windows(torch.tensor([0]), in_slices)
@@ -595,17 +726,22 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     losses: dict[str, float] = {}
     checks: list[dict[str, float]] = []
 
-    def sample(stacks: list[SliceStack]) -> torch.Tensor:
+    def sample(
+        stacks: list[SliceStack], regions: list[CriticRegion]
+    ) -> tuple[torch.Tensor, list[Box] | None]:
+        """A batch of windows from the critic's regions, and their boxes when cropping."""
         picks = rng.integers(0, len(stacks), size=settings.batch_size)
         windows = [
-            stacks[s].windows(torch.tensor([int(rng.integers(0, len(stacks[s])))]), in_slices)
-            for s in picks
+            stacks[s].windows(torch.tensor([regions[s].sample(rng)]), in_slices) for s in picks
         ]
-        return torch.cat(windows).to(device)
+        boxes = [regions[s].box for s in picks] if cropping else None
+        return torch.cat(windows).to(device), boxes
 
-    def features(network: TwoStreamUNet, x: torch.Tensor) -> list[torch.Tensor]:
+    def features(
+        network: TwoStreamUNet, batch: tuple[torch.Tensor, list[Box] | None]
+    ) -> list[torch.Tensor]:
         with autocast(device, precision):
-            return critic_inputs(network, x, divisor)
+            return critic_inputs(network, batch[0], divisor, batch[1])
 
     def verdict() -> str:
         if not selection:
@@ -648,6 +784,10 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
                 "slice_axis": axis,
             },
             "ct_labels_used": painted is not None,
+            "critic_regions": {
+                "mri": [r.to_dict() for r in source_regions],
+                "ct": [r.to_dict() for r in target_regions],
+            },
             "started_from": str(source_path),
             "steps_done": steps_done,
             "steps_planned": total,
@@ -724,8 +864,8 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
 
     def critic_update() -> float:
         with torch.no_grad():
-            real = features(source_net, sample(source_stacks))
-            fake = features(target_net, sample(target_stacks))
+            real = features(source_net, sample(source_stacks, source_regions))
+            fake = features(target_net, sample(target_stacks, target_regions))
         optimizer.zero_grad(set_to_none=True)
         score_real, score_fake = critic(real).mean(), critic(fake).mean()
         loss = score_fake - score_real
@@ -740,7 +880,7 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
     def dam_update() -> dict[str, float]:
         critic.requires_grad_(False)
         optimizer.zero_grad(set_to_none=True)
-        adversarial = -critic(features(target_net, sample(target_stacks))).mean()
+        adversarial = -critic(features(target_net, sample(target_stacks, target_regions))).mean()
         loss = adversarial
         terms = {"dam": float(adversarial.detach())}
         if painted is not None:
