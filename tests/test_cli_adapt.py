@@ -183,3 +183,39 @@ def test_target_labels_named_for_other_classes_exit_2(files, capsys, tmp_path):
     )  # fmt: skip
     assert code == 2
     assert "names its classes bg, liver" in capsys.readouterr().err
+
+
+def test_a_target_box_makes_the_critic_look_at_that_region(files, capsys, tmp_path):
+    _, source, mr_path, ct_path = files
+    out = tmp_path / "roi.safetensors"
+    code = main(
+        ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+         "--target-box", "2:10,8:56,8:56", "--out", str(out), "--steps", "1", "--warmup", "1",
+         "--critic-updates", "1", "--device", "cpu"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "of CT scan 1" in captured.err and "from CT box" in captured.err
+    card = read_card(out)
+    assert card.training["settings"]["critic_region"] == "anatomy"
+    assert card.training["critic_regions"]["ct"][0]["slices"] == [1, 10]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target-box", "2:10,8:56"], "z0:z1,y0:y1,x0:x1"),
+        (["--target-box", "2:10,8:56,8:99"], "outside the scan"),
+        (["--target-box", "2:10,8:56,8:56", "--critic-region", "whole"], "--critic-region anatomy"),
+    ],
+)
+def test_a_bad_region_exits_2_and_writes_nothing(files, capsys, tmp_path, extra, message):
+    _, source, mr_path, ct_path = files
+    out = tmp_path / "bad.safetensors"
+    code = main(
+        ["adapt", str(source), "--target", str(ct_path), "--source", str(mr_path),
+         "--out", str(out), "--steps", "1", "--device", "cpu", *extra]
+    )  # fmt: skip
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

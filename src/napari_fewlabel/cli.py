@@ -938,6 +938,27 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         "every DAM update",
     )
     p.add_argument(
+        "--critic-region",
+        choices=("whole", "anatomy"),
+        help="what the domain critic compares: whole slices (default) or only the region around "
+        "the anatomy in each domain, so that field of view does not tell MRI from CT (implied by "
+        "--source-labels or --target-box; without them the region is the source model's "
+        "prediction)",
+    )
+    p.add_argument(
+        "--source-labels",
+        type=Path,
+        metavar="LABELS",
+        help="labels on the first MRI scan's grid (e.g. the source model's training labels): the "
+        "critic's MRI region is around them",
+    )
+    p.add_argument(
+        "--target-box",
+        metavar="Z0:Z1,Y0:Y1,X0:X1",
+        help="the critic's region on the first CT scan in voxels as napari shows them (ends "
+        "excluded), e.g. 10:60,40:200,30:220",
+    )
+    p.add_argument(
         "--check",
         metavar="NAME",
         help="the label-free check that picks the checkpoint to keep, the start included "
@@ -958,10 +979,21 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, _MODEL_SUFFIXES, need_bytes=_MODEL_NEED_BYTES)
     _check_model(args.source_model)
-    _check_inputs_exist(*args.target, *args.source, *filter(None, [args.target_labels]))
+    _check_inputs_exist(
+        *args.target, *args.source, *filter(None, [args.target_labels, args.source_labels])
+    )
     _check_model(args.resume)
 
     from napari_fewlabel.train.adapt import DEFAULT_STEPS, AdaptJob, AdaptSettings, run
+    from napari_fewlabel.train.adapt_region import parse_box
+
+    region_given = args.source_labels is not None or args.target_box is not None
+    if args.critic_region == "whole" and region_given:
+        raise FewLabelError(
+            "--source-labels and --target-box set the critic's region: drop them or use "
+            "--critic-region anatomy."
+        )
+    target_box = None if args.target_box is None else parse_box(args.target_box)
 
     if args.steps is not None and args.steps < 1:
         raise FewLabelError(f"--steps must be at least 1, got {args.steps}.")
@@ -971,6 +1003,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         "dam_stages": args.dam_stages,
         "check": args.check,
         "check_every": args.check_every,
+        "critic_region": args.critic_region or ("anatomy" if region_given else None),
     }
     settings = AdaptSettings.for_objective(
         args.objective,
@@ -987,6 +1020,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         target=target,
         target_labels=target_labels,
         source=tuple(load_volume(p) for p in args.source),
+        source_labels=None if args.source_labels is None else load_volume(args.source_labels),
+        target_box=target_box,
         out=args.out,
         resume_from=args.resume,
         steps=DEFAULT_STEPS if args.steps is None else args.steps,
