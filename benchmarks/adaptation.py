@@ -42,8 +42,12 @@ is better; no value at the start). No supervised upper bound is trained::
 ``--one-ct-slice`` compares, with one labelled CT slice (the one with the
 most foreground; on the head pair, the most brain): fine-tuning from the MR
 model on that slice alone (`fewlabel finetune --model mr.safetensors`, the
-default method, ``--finetune-steps``), and adaptation with that slice as
-``--target-labels`` (``--adapt-steps``); both scored on the whole CT as above.
+default method, ``--finetune-steps``; the CT goes through the MR model's own
+normalisation), the same with the CT through the HU window instead,
+adaptation with that slice as ``--target-labels`` (``--adapt-steps``), and
+that adapted model fine-tuned on the slice (both); all scored on the whole
+CT as above. ``--critic-region anatomy`` runs any of these with the critic
+on the anatomy only.
 """
 
 from __future__ import annotations
@@ -67,7 +71,11 @@ from napari_fewlabel.data.normalization import NormalizationConfig
 from napari_fewlabel.data.phantoms import CardiacPhantom, cardiac_phantom
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume
-from napari_fewlabel.models.checkpoint import SegmentationModel, load_checkpoint
+from napari_fewlabel.models.checkpoint import (
+    SegmentationModel,
+    load_checkpoint,
+    save_checkpoint,
+)
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.train import adapt, finetune
 from napari_fewlabel.train.adapt_check import HIGHER_IS_BETTER
@@ -219,6 +227,15 @@ def one_slice(
     t0 = time.perf_counter()
     tuned = tune(source, folder / "tuned-one-slice.safetensors")
     finetune_seconds = round(time.perf_counter() - t0, 1)
+    # The same, but the CT fed through the HU window (adaptation's start) instead of the
+    # MR model's own normalisation: how much of "both" is the window alone.
+    mr_model = load_checkpoint(source)
+    windowed = save_checkpoint(
+        folder / "mr-hu-window.safetensors",
+        mr_model.network,
+        replace(mr_model.card, normalization=NormalizationConfig("ct_window")),
+    )
+    tuned_windowed = tune(windowed, folder / "tuned-one-slice-hu-window.safetensors")
     t0 = time.perf_counter()
     job = adapt.AdaptJob(
         source_model=source,
@@ -243,6 +260,7 @@ def one_slice(
         "finetune_steps": args.finetune_steps,
         "finetune_from_mr_model_on_the_slice": true_dice(load_checkpoint(tuned)),
         "finetune_seconds": finetune_seconds,
+        "finetune_from_mr_model_hu_window_on_the_slice": true_dice(load_checkpoint(tuned_windowed)),
         "adapted_with_the_slice": true_dice(load_checkpoint(job.out)),
         "adapt_verdict": done.summary.get("verdict"),
         "adapt_seconds": adapt_seconds,
