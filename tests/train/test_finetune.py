@@ -513,3 +513,30 @@ def test_planes_auto_keeps_a_small_structure_on_the_painted_plane(make_job, tiny
     card = read_card(events[-1].checkpoint)
     assert card.inference["planes"] == [0, 1, 2]
     assert len(card.inference["plane_weights"]) == 3
+
+
+def test_a_model_of_another_modality_sees_the_scan_as_its_own_modality(make_job, tmp_path):
+    # An MRI model, then fine-tuned on a CT phantom: the CT goes through the HU window.
+    from napari_fewlabel.data.phantoms import cardiac_phantom
+
+    mr_model = _events(make_job(steps=1, out=tmp_path / "mr.safetensors"))[-1].checkpoint
+    ct = cardiac_phantom("CT", seed=1, shape=(16, 64, 64), spacing_mm=(4.0, 3.0, 3.0))
+    painted = np.zeros_like(ct.labels.array)
+    painted[8] = ct.labels.array[8]
+    events = _events(
+        make_job(
+            image=ct.image,
+            labels=ct.labels.with_array(painted),
+            model=mr_model,
+            steps=1,
+            out=tmp_path / "ct.safetensors",
+        )
+    )
+    notes = [e.message for e in events if isinstance(e, Notice)]
+    assert any("learnt MR, this scan is CT" in m and "HU window -300 to 400" in m for m in notes)
+    card = read_card(events[-1].checkpoint)
+    assert card.modality == "CT" and card.normalization.method == "ct_window"
+    # The same modality keeps the start model's own normalisation (no notice).
+    again = _events(make_job(model=mr_model, steps=1, out=tmp_path / "mr2.safetensors"))
+    assert not any("learnt MR" in e.message for e in again if isinstance(e, Notice))
+    assert read_card(again[-1].checkpoint).normalization == read_card(mr_model).normalization
