@@ -145,6 +145,7 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "objective": args.objective,
             "critic_updates": settings_from(args).critic_updates,
             "critic_region": args.critic_region,
+            "seed": args.seed,
         },
         "source_on_mr": mean_dice(source_model, cardiac_phantom("MR", 1, shape, spacing)),
         "source_on_ct": mean_dice(source_model, ct),
@@ -246,6 +247,7 @@ def one_slice(
         steps=args.adapt_steps,
         device=args.device,
         settings=settings_from(args),
+        seed=args.seed,
         checkpoint_every_s=1e9,
     )
     done = None
@@ -288,6 +290,7 @@ def measure_checks(
         steps=args.adapt_steps,
         device=args.device,
         settings=settings_from(args),
+        seed=args.seed,
         checkpoint_every_s=1e9,
         checkpoints_dir=folder,
     )
@@ -351,6 +354,7 @@ def adapt_to(
         steps=args.adapt_steps,
         device=args.device,
         settings=settings_from(args),
+        seed=args.seed,
         checkpoint_every_s=1e9,
     )
     curve = []
@@ -388,6 +392,7 @@ def head_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "objective": args.objective,
             "critic_updates": settings_from(args).critic_updates,
             "critic_region": args.critic_region,
+            "seed": args.seed,
         },
         "source_on_ct": score(source_model),
         "source_on_ct_hu_window": score(as_ct),
@@ -443,6 +448,12 @@ def main() -> None:
         help="score every checked checkpoint by the label-free checks and by its true Dice",
     )
     parser.add_argument("--check-every", type=int, default=25, metavar="STEPS")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the adaptation runs (the source models are trained with seed 0 always)",
+    )
     parser.add_argument(
         "--one-ct-slice",
         action="store_true",
