@@ -145,6 +145,7 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "objective": args.objective,
             "critic_updates": settings_from(args).critic_updates,
             "critic_region": args.critic_region,
+            "region_from": args.region_from,
             "seed": args.seed,
         },
         "source_on_mr": mean_dice(source_model, cardiac_phantom("MR", 1, shape, spacing)),
@@ -161,8 +162,9 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         return row
     if args.measure_checks:
         row["checks"] = measure_checks(
-            source, ct.image, mr.image, folder / "checks", args, lambda m: mean_dice(m, ct)
-        )
+            source, ct.image, mr.image, folder / "checks", args, lambda m: mean_dice(m, ct),
+            regions_from_labels(args, mr.labels, ct.labels),
+        )  # fmt: skip
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     adapted, curve, seconds = adapt_to(
@@ -182,6 +184,18 @@ def phantom_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     row["ct_supervised"] = mean_dice(load_checkpoint(upper), ct)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
+
+
+def regions_from_labels(
+    args: argparse.Namespace, mr_labels: Volume, ct_labels: Volume
+) -> dict[str, Any] | None:
+    """With ``--region-from labels``: the MR labels and the CT labels' bounding box as the
+    critic's regions (what a user gives with --source-labels and --target-box)."""
+    if args.region_from != "labels":
+        return None
+    where = np.nonzero(ct_labels.array)
+    box = tuple((int(w.min()), int(w.max()) + 1) for w in where)
+    return {"source_labels": mr_labels, "target_box": box}
 
 
 def settings_from(args: argparse.Namespace) -> adapt.AdaptSettings:
@@ -278,11 +292,16 @@ def measure_checks(
     folder: Path,
     args: argparse.Namespace,
     true_dice: Any,
+    regions: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every checked checkpoint's label-free scores against its true Dice (``true_dice(model)``)."""
+    """Every checked checkpoint's label-free scores against its true Dice (``true_dice(model)``).
+
+    ``regions``: ``source_labels`` / ``target_box`` of the AdaptJob (``--region-from labels``).
+    """
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     job = adapt.AdaptJob(
+        **(regions or {}),
         source_model=source,
         target=(target,),
         source=(mri,),
@@ -392,6 +411,7 @@ def head_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             "objective": args.objective,
             "critic_updates": settings_from(args).critic_updates,
             "critic_region": args.critic_region,
+            "region_from": args.region_from,
             "seed": args.seed,
         },
         "source_on_ct": score(source_model),
@@ -406,7 +426,10 @@ def head_pair(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     if args.measure_checks:
-        row["checks"] = measure_checks(source, ct.image, mr.image, folder / "checks", args, score)
+        row["checks"] = measure_checks(
+            source, ct.image, mr.image, folder / "checks", args, score,
+            regions_from_labels(args, mr.labels, ct.labels),
+        )  # fmt: skip
         row["seconds"] = round(time.perf_counter() - t0, 1)
         return row
     adapted, curve, seconds = adapt_to(
@@ -443,6 +466,13 @@ def main() -> None:
         help="what the critic compares (fewlabel adapt --critic-region)",
     )
     parser.add_argument(
+        "--region-from",
+        choices=("prediction", "labels"),
+        default="prediction",
+        help="with --critic-region anatomy and --measure-checks: the regions from the source "
+        "model's prediction (default) or from the MR labels and the CT labels' bounding box",
+    )
+    parser.add_argument(
         "--measure-checks",
         action="store_true",
         help="score every checked checkpoint by the label-free checks and by its true Dice",
@@ -467,6 +497,8 @@ def main() -> None:
         "temporary folder)",
     )
     args = parser.parse_args()
+    if args.region_from == "labels":
+        args.critic_region = "anatomy"
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.work_dir is not None:

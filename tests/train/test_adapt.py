@@ -672,10 +672,11 @@ def test_without_a_box_the_region_comes_from_the_source_models_prediction(make_j
     [
         ({"target_box": ((0, 99), (0, 64), (0, 64))}, "outside the scan"),
         ({"source_labels": Volume.from_array(np.ones((3, 4, 5), np.uint8))}, "grid"),
+        ({"target_box": ((0, 4), (0, 64), (0, 64)), "settings": QUICK}, "critic_region='anatomy'"),
     ],
 )
 def test_a_bad_region_is_refused_before_training(make_job, changes, match):
-    job = make_job(settings=replace(QUICK, critic_region="anatomy"), **changes)
+    job = make_job(**{"settings": replace(QUICK, critic_region="anatomy"), **changes})
     with pytest.raises(FewLabelError, match=match):
         list(adapt.run(job))
     assert not job.out.exists()

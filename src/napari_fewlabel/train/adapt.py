@@ -442,6 +442,13 @@ def _check_inputs(job: AdaptJob) -> None:
         raise FewLabelError(f"steps must be at least 1, got {job.steps}.")
     if not job.target:
         raise FewLabelError("Give at least one CT scan to adapt to (--target).")
+    if job.settings.critic_region == "whole" and (
+        job.source_labels is not None or job.target_box is not None
+    ):
+        raise FewLabelError(
+            "MRI labels or a CT box set the critic's region: use critic_region='anatomy' "
+            "(--critic-region anatomy), or leave them out."
+        )
     for i, volume in enumerate(job.target):
         if volume.modality == "MR":
             raise FewLabelError(
