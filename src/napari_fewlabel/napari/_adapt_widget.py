@@ -147,7 +147,9 @@ class AdaptWidget(JobWidget):
         self.ct_labels_combo.setToolTip(
             "Optional: a Labels layer on the first ticked CT with one or two painted slices "
             "(the model's classes; unpainted slices stay 0). They are learnt with Dice + "
-            "cross-entropy in every DAM update, besides the critic."
+            "cross-entropy in every DAM update, besides the critic. With painted CT slices, "
+            "fine-tuning the MRI model on them (the 'Fine-tune and segment' widget, Start from "
+            "the model) did better than adaptation on both test pairs: docs/adaptation.md."
         )
         form.addRow("Target CT", self.target_list)
         form.addRow("Source MRI", self.source_list)
