@@ -530,7 +530,9 @@ def test_painted_ct_slices_receive_the_supervised_loss(make_job, pair, source_mo
     progress = [e for e in events if isinstance(e, Progress)]
     assert "supervised" not in progress[0].losses  # the critic's warm-up: no DAM update
     assert all(np.isfinite(e.losses["supervised"]) for e in progress[1:])
-    assert any("1 painted CT slice(s) (8)" in e.message for e in events if isinstance(e, Notice))
+    notes = [e.message for e in events if isinstance(e, Notice)]
+    assert any("1 painted CT slice(s) (8)" in m for m in notes)
+    assert any("fewlabel finetune --model" in m for m in notes)  # the better route, said
     card = read_card(painted.out)
     assert card.training["ct_labels_used"] is True and card.training["ct_labelled_slices"] == [8]
     # The gradient reaches the DAM: the painted slice's loss is lower than after the same

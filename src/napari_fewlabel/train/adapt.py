@@ -933,6 +933,12 @@ def run(job: AdaptJob, cancel: CancelFlag | None = None) -> Iterator[Event]:
             else "."
         )
     )
+    if painted is not None:
+        yield Notice(
+            "With painted CT slices, fine-tuning the MRI model on them (`fewlabel finetune "
+            f"--model {source_path.name}`) did better than adaptation with them on both of our "
+            "test pairs (docs/adaptation.md): compare the two on your scans."
+        )
     if checking and step0 == 0:
         check(0)
     step = step0
