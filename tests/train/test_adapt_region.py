@@ -43,6 +43,17 @@ def test_the_box_grows_to_the_input_aspect_and_stays_inside_it():
     assert top == 0.0 and right * 64 >= 42  # still holds the strip (plus the 2-pixel minimum)
 
 
+def test_trim_leaves_out_stray_voxels_far_from_the_anatomy():
+    mask = torch.zeros(10, 64, 64, dtype=torch.bool)
+    mask[3:7, 20:40, 20:40] = True  # 1600 voxels of anatomy
+    mask[9, 63, 63] = True  # one stray voxel in the corner
+    stretched, trimmed = region_of(mask, 0.0), region_of(mask, 0.0, trim=0.02)
+    assert stretched is not None and trimmed is not None
+    assert stretched.last == 9 and stretched.box[2] == 1.0
+    assert (trimmed.first, trimmed.last) == (2, 7)  # 3..6 and the one-slice minimum
+    assert trimmed.box == pytest.approx((18 / 64, 18 / 64, 42 / 64, 42 / 64))
+
+
 def test_no_foreground_gives_no_region():
     assert region_of(torch.zeros(3, 8, 8, dtype=torch.bool)) is None
 

@@ -91,6 +91,7 @@ from napari_fewlabel.train.adapt_check import (
     quality,
 )
 from napari_fewlabel.train.adapt_region import (
+    PREDICTION_TRIM,
     Box,
     CriticRegion,
     box_foreground,
@@ -533,11 +534,11 @@ def _critic_regions(
         out = []
         for i, stack in enumerate(source_stacks if side == "MRI" else target_stacks):
             if i == 0 and given is not None:
-                mask, how = given, given_how
+                mask, how, trim = given, given_how, 0.0
             else:
                 mask = predicted_foreground(network, stack, in_slices, device, precision)
-                how = "the source model's prediction"
-            region = region_of(mask, margin)
+                how, trim = "the source model's prediction", PREDICTION_TRIM
+            region = region_of(mask, margin, trim)
             if region is None:
                 if i == 0 and given is not None:
                     raise FewLabelError(

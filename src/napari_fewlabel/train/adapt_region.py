@@ -41,6 +41,9 @@ Box = tuple[float, float, float, float]
 
 WHOLE: Box = (0.0, 0.0, 1.0, 1.0)
 
+#: Share of a *predicted* foreground left out at each end of each axis (stray voxels).
+PREDICTION_TRIM = 0.02
+
 
 @dataclass(frozen=True)
 class CriticRegion:
@@ -62,22 +65,24 @@ class CriticRegion:
         return {"slices": [self.first, self.last], "box": [round(v, 4) for v in self.box]}
 
 
-def region_of(foreground: torch.Tensor, margin: float = 0.1) -> CriticRegion | None:
+def region_of(
+    foreground: torch.Tensor, margin: float = 0.1, trim: float = 0.0
+) -> CriticRegion | None:
     """The region around the True voxels of ``foreground`` ``(n, H, W)``; None if there are none.
 
-    The slice range and the box grow by ``margin`` of their extent on each side
-    (at least one slice and two pixels), then the box grows to the input's
-    aspect ratio, all within the input.
+    Along each axis the extent leaves out ``trim`` of the True voxels at each
+    end (0: all of them; a prediction's stray voxels far from the anatomy do
+    not stretch the box). The slice range and the box then grow by ``margin``
+    of their extent on each side (at least one slice and two pixels), and the
+    box grows to the input's aspect ratio, all within the input.
     """
     n, height, width = foreground.shape
     if not bool(foreground.any()):
         return None
-    slices = torch.nonzero(foreground.any(dim=(1, 2))).flatten()
-    rows = torch.nonzero(foreground.any(dim=(0, 2))).flatten()
-    cols = torch.nonzero(foreground.any(dim=(0, 1))).flatten()
-    first, last = _grow(int(slices[0]), int(slices[-1]) + 1, margin, 1, n)
-    top, bottom = _grow(int(rows[0]), int(rows[-1]) + 1, margin, 2, height)
-    left, right = _grow(int(cols[0]), int(cols[-1]) + 1, margin, 2, width)
+    mask = foreground.to(torch.float64)
+    first, last = _grow(*_extent(mask.sum(dim=(1, 2)), trim), margin, 1, n)
+    top, bottom = _grow(*_extent(mask.sum(dim=(0, 2)), trim), margin, 2, height)
+    left, right = _grow(*_extent(mask.sum(dim=(0, 1)), trim), margin, 2, width)
     # Same aspect as the input: both domains' crops are then scaled alike by resize_to.
     box_h, box_w = bottom - top, right - left
     if box_w * height < box_h * width:
@@ -87,6 +92,15 @@ def region_of(foreground: torch.Tensor, margin: float = 0.1) -> CriticRegion | N
     return CriticRegion(
         first, last - 1, (top / height, left / width, bottom / height, right / width)
     )
+
+
+def _extent(counts: torch.Tensor, trim: float) -> tuple[int, int]:
+    """``[start, stop)`` of the positions holding all but ``trim`` of ``counts`` at each end."""
+    cumulative = torch.cumsum(counts, 0)
+    total = float(cumulative[-1])
+    start = int(torch.searchsorted(cumulative, trim * total, right=True))
+    stop = int(torch.searchsorted(cumulative, (1 - trim) * total, right=False)) + 1
+    return min(start, stop - 1), min(stop, len(counts))
 
 
 def _grow(start: int, stop: int, margin: float, minimum: int, limit: int) -> tuple[int, int]:
