@@ -943,7 +943,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
         help="what the domain critic compares: whole slices (default) or only the region around "
         "the anatomy in each domain, so that field of view does not tell MRI from CT (implied by "
         "--source-labels or --target-box; without them the region is the source model's "
-        "prediction)",
+        "prediction, which measured worse than whole slices: docs/adaptation.md)",
     )
     p.add_argument(
         "--source-labels",

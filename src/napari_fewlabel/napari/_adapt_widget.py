@@ -175,19 +175,10 @@ class AdaptWidget(JobWidget):
             "gradient penalty (5 per DAM update) did better on the cardiac phantom and worse on "
             "the real head pair: see docs/adaptation.md."
         )
-        self.region_combo = QComboBox()
-        self.region_combo.addItem("whole slices", "whole")
-        self.region_combo.addItem("the anatomy only", "anatomy")
-        self.region_combo.setToolTip(
-            "What the critic compares. 'The anatomy only': the slices and the box around what "
-            "the MRI model finds on each scan, so that a wider field of view on CT (table, "
-            "shoulders) does not tell the domains apart, as the paper's crops do."
-        )
         form.addRow("Device", self.device_combo)
         form.addRow("In use", self.device_label)
         form.addRow("Budget", self.steps_spin)
         form.addRow("Critic", self.critic_combo)
-        form.addRow("Critic sees", self.region_combo)
         return box
 
     def _build_run_box(self) -> QGroupBox:
@@ -354,9 +345,7 @@ class AdaptWidget(JobWidget):
             out=self._workdir / f"adapted-{time.strftime('%Y%m%d-%H%M%S')}.safetensors",
             steps=self.steps_spin.value(),
             device=self.device_combo.currentText(),
-            settings=AdaptSettings.for_objective(
-                self.critic_combo.currentData(), critic_region=self.region_combo.currentData()
-            ),
+            settings=AdaptSettings.for_objective(self.critic_combo.currentData()),
         )
         return job, self._volume(predict_layer, "CT")
 
