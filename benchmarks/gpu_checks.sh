@@ -2,7 +2,8 @@
 # The GPU checks of one session on a GPU machine, in one go (docs/benchmarks.md
 # records what they printed):
 #   1. speed.py on the GPU, alone: step and inference rates against a MONAI UNet,
-#      the default run on the phantom and on the 1 mm MNI brain MRI;
+#      the default run on the phantom and on the 1 mm MNI brain MRI; then
+#      compile.py: torch.compile against eager;
 #   2. then, side by side on the one GPU: the CUDA tests (pytest -m cuda) and the
 #      few-slice suite's network methods (ours, monai, upper) over three seeds, as
 #      one process per case and seed, each appending JSON lines to its own file.
@@ -39,6 +40,10 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 [ -n "${STEPS:-}${SUITE_ONLY:-}" ] || python3 "$here/speed.py" --device "$device" --repeats 3 --mri-case "$mri" \
     >"$out/speed_gpu.json" 2>"$out/speed_gpu.err"
 echo "speed.py exit $?"
+# torch.compile against eager on the GPU (issue 25; not adopted on the CPU).
+[ -n "${STEPS:-}${SUITE_ONLY:-}" ] || python3 "$here/compile.py" --device "$device" --repeats 5 \
+    >"$out/compile_gpu.json" 2>"$out/compile_gpu.err"
+echo "compile.py exit $?"
 
 # 2. CUDA tests beside the suite.
 [ -n "${SUITE_ONLY:-}" ] || python3 -m pytest -m cuda tests/train/test_cuda.py tests/train/test_device.py -q \
