@@ -687,3 +687,12 @@ def test_a_bad_region_is_refused_before_training(make_job, changes, match):
 def test_an_unknown_critic_region_is_refused():
     with pytest.raises(FewLabelError, match="critic_region"):
         adapt.AdaptSettings(critic_region="box")  # type: ignore[arg-type]
+
+
+def test_empty_mri_labels_for_the_region_are_refused(make_job, pair):
+    mr, _ = pair
+    empty = mr.labels.with_array(np.zeros_like(mr.labels.array))
+    job = make_job(settings=replace(QUICK, critic_region="anatomy"), source_labels=empty)
+    with pytest.raises(FewLabelError, match="hold no voxel"):
+        list(adapt.run(job))
+    assert not job.out.exists()
