@@ -9,6 +9,7 @@ them inline; both consume the same events (``train.events`` plus
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from napari_fewlabel.data.classes import SegmentationClass
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.emphysema import LAA_THRESHOLD_HU, EmphysemaReport, quantify_emphysema
-from napari_fewlabel.infer.predict import PredictionStopped, predict_volume
+from napari_fewlabel.infer.predict import PredictionStopped, predict_volume_steps
 from napari_fewlabel.infer.subtypes import load_subtype_model, map_subtypes
 from napari_fewlabel.infer.suggest import SliceScore, suggest_slices
 from napari_fewlabel.io import Volume
@@ -94,7 +95,7 @@ def train_and_map_subtypes(
 
 def finetune_and_predict(
     job: finetune.FinetuneJob, *, cancel: CancelFlag | None = None
-) -> Iterator[Event | SegmentationReady]:
+) -> Iterator[Event | PredictionProgress | SegmentationReady]:
     """Fine-tune on ``job`` and predict ``job.image`` with the result.
 
     A cancelled run still predicts with the weights it saved (that is what
@@ -110,7 +111,7 @@ def finetune_and_predict(
 
 def adapt_and_predict(
     job: adapt.AdaptJob, predict_on: Volume, *, cancel: CancelFlag | None = None
-) -> Iterator[Event | SegmentationReady]:
+) -> Iterator[Event | PredictionProgress | SegmentationReady]:
     """Adapt an MRI model to CT (``job``), then predict the CT ``predict_on`` with it.
 
     As with fine-tuning, Stop keeps the adapted model so far and still predicts.
@@ -124,9 +125,25 @@ def adapt_and_predict(
 
 def predict_with_model(
     model: str | Path, image: Volume, device: str = "auto", *, cancel: CancelFlag | None = None
-) -> Iterator[Event | SegmentationReady]:
+) -> Iterator[Event | PredictionProgress | SegmentationReady]:
     """Predict ``image`` with a saved model (registry name or path)."""
     yield from _predict(resolve_model(model), image, device)
+
+
+#: Seconds between two PredictionProgress events of one prediction (the last always comes).
+PREDICTION_PROGRESS_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class PredictionProgress:
+    """A prediction has done ``done`` of ``total`` slices (over every plane it predicts along)."""
+
+    done: int
+    total: int
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.done / max(1, self.total))
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,9 @@ def predict_scans(
     device: str = "auto",
     *,
     cancel: CancelFlag | None = None,
-) -> Iterator[Event | ScanStarted | ScanSegmented | ScanFailed | ScansPredicted]:
+) -> Iterator[
+    Event | PredictionProgress | ScanStarted | ScanSegmented | ScanFailed | ScansPredicted
+]:
     """Predict each ``(name, volume)`` of ``scans`` in turn with one model (loaded once).
 
     A scan that fails is reported (:class:`ScanFailed`) and the next one goes
@@ -271,7 +290,7 @@ def _predict(
     *,
     model: SegmentationModel | None = None,
     cancel: CancelFlag | None = None,
-) -> Iterator[Event | SegmentationReady]:
+) -> Iterator[Event | PredictionProgress | SegmentationReady]:
     """Predict ``image`` with ``checkpoint`` (``model``: the same, loaded already).
 
     ``cancel`` stops the prediction between batches (:class:`PredictionStopped`);
@@ -285,5 +304,16 @@ def _predict(
             f"{image.modality}; expect poor results (adapt it to {image.modality} first).",
             level="warning",
         )
-    labels = predict_volume(model, image, device=device, cancel=cancel)
+    steps = predict_volume_steps(model, image, device=device, cancel=cancel)
+    last = float("-inf")
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            labels: np.ndarray = finished.value
+            break
+        now = time.monotonic()
+        if done == total or now - last >= PREDICTION_PROGRESS_EVERY_S:
+            last = now
+            yield PredictionProgress(done, total)
     yield SegmentationReady(labels=labels, classes=model.card.classes, checkpoint=Path(checkpoint))

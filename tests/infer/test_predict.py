@@ -176,3 +176,27 @@ def test_a_thin_scan_is_predicted_along_the_labelled_plane_only(model):
     np.testing.assert_array_equal(
         predict_volume(three, volume, device="cpu"), predict_volume(model, volume, device="cpu")
     )
+
+
+def _run_steps(steps):
+    counts = []
+    while True:
+        try:
+            counts.append(next(steps))
+        except StopIteration as finished:
+            return counts, finished.value
+
+
+def test_the_steps_count_every_planes_slices_and_return_the_same_labels(model):
+    from napari_fewlabel.infer.predict import predict_volume_steps
+
+    volume = _volume(shape=(12, 20, 16))
+    one_plane, labels = _run_steps(predict_volume_steps(model, volume, batch_size=5, device="cpu"))
+    assert one_plane == [(5, 12), (10, 12), (12, 12)]
+    np.testing.assert_array_equal(labels, predict_volume(model, volume, device="cpu"))
+    three = _with_planes(model, [0, 1, 2])
+    counts, labels = _run_steps(predict_volume_steps(three, volume, batch_size=8, device="cpu"))
+    done = [d for d, _ in counts]
+    assert {t for _, t in counts} == {12 + 20 + 16}  # every plane's slices, once
+    assert done == sorted(done) and done[-1] == 48
+    np.testing.assert_array_equal(labels, predict_volume(three, volume, device="cpu"))

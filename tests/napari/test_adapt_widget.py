@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from napari_fewlabel.data.phantoms import cardiac_phantom
+from napari_fewlabel.jobs import PredictionProgress
 from napari_fewlabel.models.checkpoint import load_optimizer_state, read_card
 from napari_fewlabel.models.unet2d import UNetConfig
 from napari_fewlabel.napari._adapt_widget import CHOOSE, NO_CT_LABELS, AdaptWidget
@@ -119,8 +120,19 @@ def test_the_critic_choice_reaches_the_adapted_model(viewer_and_widget, mr_model
     widget.critic_combo.setCurrentIndex(widget.critic_combo.findData("gp"))
     widget.steps_spin.setValue(2)
     assert widget.start()
+    bar_at_progress = []
+    widget.runner.job_event.connect(
+        lambda e: (
+            bar_at_progress.append((widget.progress.value(), widget.progress.maximum()))
+            if isinstance(e, PredictionProgress)
+            else 0
+        )
+    )
     qtbot.waitUntil(lambda: not widget.runner.is_running, timeout=300_000)
     assert "ct prediction (adapted)" in viewer.layers
+    # The CT's prediction moved the bar to its end; then the bar counts steps again.
+    assert bar_at_progress and bar_at_progress[-1][0] == bar_at_progress[-1][1] > 0
+    assert widget.progress.format() == "%v / %m steps"
     training = read_card(widget.save_model(tmp_path / "gp")).training
     settings = training["settings"]
     assert settings["objective"] == "gp" and settings["critic_updates"] == 5

@@ -14,7 +14,7 @@ from dicom_writer import write_ct_series
 from napari_fewlabel.infer.predict import predict_volume
 from napari_fewlabel.io import Volume, load_volume, save_image
 from napari_fewlabel.io.dicom_seg import read_dicom_seg
-from napari_fewlabel.jobs import ScanSegmented, ScansPredicted, ScanStarted
+from napari_fewlabel.jobs import PredictionProgress, ScanSegmented, ScansPredicted, ScanStarted
 from napari_fewlabel.models.checkpoint import save_checkpoint
 from napari_fewlabel.napari._layers import CLASSES_KEY, PREDICTION_KEY, image_layer_data
 from napari_fewlabel.napari._widget import (
@@ -86,6 +86,12 @@ def test_every_open_scan_gets_its_prediction_and_a_bad_one_is_notified(
     widget.runner.job_event.connect(
         lambda e: status_at_start.append(widget.status.text()) if isinstance(e, ScanStarted) else 0
     )
+    status_in_scan = []
+    widget.runner.job_event.connect(
+        lambda e: (
+            status_in_scan.append(widget.status.text()) if isinstance(e, PredictionProgress) else 0
+        )
+    )
     messages = notifications(lambda: (widget.predict_all_open_scans(), _wait_done(qtbot, widget)))
 
     assert [(e.number, e.total, e.name) for e in events if isinstance(e, ScanStarted)] == [
@@ -94,6 +100,10 @@ def test_every_open_scan_gets_its_prediction_and_a_bad_one_is_notified(
         (3, 3, "blank"),
     ]
     assert "Predicting scan 2 of 3: second..." in status_at_start
+    # Within a scan, the status line says how far it is (the bar counts scans).
+    finished = [e for e in events if isinstance(e, PredictionProgress) and e.done == e.total]
+    assert len(finished) == 2 and all(e.total > 0 for e in finished)
+    assert "Predicting scan 2 of 3: second (100%)..." in status_in_scan
     assert any("'photo' is left out" in m and "3D" in m for m in messages), messages
     assert any("'blank' was not predicted" in m and "NaN" in m for m in messages), messages
     (end,) = [e for e in events if isinstance(e, ScansPredicted)]
@@ -213,3 +223,26 @@ def test_dicom_seg_export_of_a_dicom_scan_and_refusal_for_a_nifti_scan(
     # NIfTI export of the selected prediction (not the DICOM one) still works.
     mask = widget.export_mask(tmp_path / "nifti-mask.nii.gz")
     assert mask is not None and load_volume(mask).shape == nifti_prediction.data.shape
+
+
+def test_a_single_prediction_shows_its_slices_on_the_bar(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _add_scan(viewer, _scan((10, 16, 16), seed=3), "scan")
+    widget.image_combo.setCurrentText("scan")
+    bar_at_progress = []
+    widget.runner.job_event.connect(
+        lambda e: (
+            bar_at_progress.append(
+                (widget.progress.format(), widget.progress.value(), widget.progress.maximum())
+            )
+            if isinstance(e, PredictionProgress)
+            else 0
+        )
+    )
+    assert widget.predict_with_selected_model()
+    _wait_done(qtbot, widget)
+    assert bar_at_progress, "no PredictionProgress reached the widget"
+    fmt, value, maximum = bar_at_progress[-1]
+    assert fmt == "predicting: %p%" and value == maximum > 0
+    assert "scan prediction" in viewer.layers
+    assert widget.progress.format() == "%v / %m steps"  # back to training's units

@@ -15,7 +15,7 @@ also keeps their running sum, one byte per class and voxel: 3.7x for a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 import torch
@@ -86,6 +86,38 @@ def predict_volume(
     -----
     NaN/Inf voxels are treated as the lowest intensity (logged as a warning).
     """
+    steps = predict_volume_steps(
+        model,
+        volume,
+        axis=axis,
+        batch_size=batch_size,
+        device=device,
+        test_time_flips=test_time_flips,
+        cancel=cancel,
+    )
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            labels: np.ndarray = finished.value
+            return labels
+
+
+def predict_volume_steps(
+    model: SegmentationModel,
+    volume: Volume,
+    *,
+    axis: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    test_time_flips: bool | None = None,
+    cancel: CancelFlag | None = None,
+) -> Generator[tuple[int, int], None, np.ndarray]:
+    """:func:`predict_volume`, yielding ``(slices done, slices in all)`` after every batch.
+
+    The count runs over every plane the model predicts along; the labels are
+    the generator's return value (``StopIteration.value``).
+    """
     card = model.card
     axis = card.slice_axis if axis is None else axis
     if axis not in (0, 1, 2):
@@ -133,12 +165,15 @@ def predict_volume(
         out_moved = np.moveaxis(out, axis, 0)  # a view: writing it fills ``out``
         for start, stop, proba in run.along(axis, main_fit):
             out_moved[start:stop] = proba.argmax(dim=1).numpy().astype(out.dtype)
+            yield stop, array.shape[axis]
         return out
 
     # Several planes: a weighted mean of their probabilities, kept as bytes (plane p
     # adds at most its share of 255), so the sum costs one byte per class and voxel.
     shares = _plane_shares(planes, card.inference.get("plane_weights"))
     total = np.zeros((num_classes, *array.shape), dtype=np.uint8)
+    to_do = sum(array.shape[p] for p, share in shares.items() if share > 0)
+    done = 0
     max_side = int(card.inference.get("plane_max_side", max(card.input_size)))
     divisor = model.network.config.size_divisor
     for plane, share in shares.items():
@@ -149,6 +184,8 @@ def predict_volume(
         for start, stop, proba in run.along(plane, fit):
             quantised = (proba * share).floor().to(torch.uint8).numpy()
             total_moved[:, start:stop] += quantised.transpose(1, 0, 2, 3)
+            done += stop - start
+            yield done, to_do
     for z in range(array.shape[0]):  # argmax slice by slice: no K x volume int64 index
         out[z] = total[:, z].argmax(axis=0)
     return out

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 
 from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.io import METADATA_KEY, Volume
-from napari_fewlabel.jobs import SegmentationReady, adapt_and_predict
+from napari_fewlabel.jobs import PredictionProgress, SegmentationReady, adapt_and_predict
 from napari_fewlabel.napari._job_widget import JobWidget
 from napari_fewlabel.napari._layers import (
     PREDICTION_KEY,
@@ -390,6 +390,8 @@ class AdaptWidget(JobWidget):
                 f"{what}{self._verdict}; segmenting the CT with the adapted model..."
             )
             self.progress.setRange(0, 0)
+        elif isinstance(event, PredictionProgress):
+            self._show_prediction_progress(event, self.progress)
         elif isinstance(event, SegmentationReady):
             self._show_prediction(event)
 
@@ -412,6 +414,7 @@ class AdaptWidget(JobWidget):
 
     def _on_finished(self) -> None:
         self.start_button.setText("Start")
+        self.progress.setFormat("%v / %m steps")
         self.progress.setRange(0, max(self.progress.maximum(), 1))
 
     # ------------------------------------------------------------ results

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_fewlabel.errors import FewLabelError
+from napari_fewlabel.jobs import PredictionProgress
 from napari_fewlabel.napari._plot import LinePlot
 from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
 from napari_fewlabel.train.device import available_devices
@@ -174,6 +175,12 @@ class JobWidget(QWidget):
         status.setText(" · ".join(p for p in parts if p))
         memory = f", {event.memory_mb:.0f} MB" if event.memory_mb else ""
         self.device_label.setText(f"{event.device}{memory}")
+
+    def _show_prediction_progress(self, event: PredictionProgress, bar: QProgressBar) -> None:
+        """The bar follows a prediction's slices, as a percentage (several planes add up)."""
+        bar.setFormat("predicting: %p%")
+        bar.setRange(0, max(1, event.total))
+        bar.setValue(event.done)
 
     # ------------------------------------------------------------ lifetime
     def _watch_viewer_close(self) -> None:

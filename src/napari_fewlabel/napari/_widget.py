@@ -52,6 +52,7 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.suggest import SliceScore
 from napari_fewlabel.io import METADATA_KEY, Volume, save_labels
 from napari_fewlabel.jobs import (
+    PredictionProgress,
     ScanFailed,
     ScanSegmented,
     ScansPredicted,
@@ -124,6 +125,7 @@ class FinetuneWidget(JobWidget):
         self._batch_layers: list[Image] = []
         self._batch_volumes: list[str] = []
         self._batch_failed = 0
+        self._batch_scan: tuple[int, int, str] | None = None
         self._batch_left_out = 0
         self._batch_end: ScansPredicted | None = None
         self._job_failed = False
@@ -725,6 +727,7 @@ class FinetuneWidget(JobWidget):
             return False
         self._batch_layers, self._batch_volumes = layers, []
         self._batch_failed, self._batch_left_out, self._batch_end = 0, left_out, None
+        self._batch_scan = None
         self._start_job("predict_all", predict_scans, model, scans, self.device_combo.currentText())
         self.status.setText(f"Predicting {len(scans)} scan(s) with {Path(model).name}...")
         self.progress.setFormat("%v / %m scans")
@@ -934,7 +937,18 @@ class FinetuneWidget(JobWidget):
             self._show_prediction(event)
         elif isinstance(event, SlicesSuggested):
             self._on_suggested(event)
+        elif isinstance(event, PredictionProgress):
+            if self._job_kind != "predict_all":
+                self._show_prediction_progress(event, self.progress)
+            elif self._batch_scan is not None and not self.start_button.text().startswith(
+                "Cancel"
+            ):  # the bar counts scans; the status line says how far this one is
+                number, total, name = self._batch_scan
+                self.status.setText(
+                    f"Predicting scan {number} of {total}: {name} ({event.percent}%)..."
+                )
         elif isinstance(event, ScanStarted):
+            self._batch_scan = (event.number, event.total, event.name)
             self.progress.setRange(0, event.total)
             self.progress.setValue(event.number - 1)
             if not self.start_button.text().startswith("Cancel"):  # not while stopping
