@@ -25,7 +25,7 @@ from napari_fewlabel.errors import FewLabelError
 from napari_fewlabel.infer.metrics import class_metrics
 from napari_fewlabel.io import MaskInfo, save_image, save_labels
 from napari_fewlabel.io.atomic import atomic_path
-from napari_fewlabel.jobs import SegmentationReady, finetune_and_predict
+from napari_fewlabel.jobs import PredictionProgress, SegmentationReady, finetune_and_predict
 from napari_fewlabel.train.events import Done, Event, Notice, Progress
 from napari_fewlabel.train.finetune import FinetuneJob
 
@@ -63,7 +63,7 @@ def run_headless(
     *,
     steps: int | None = None,
     device: str = "auto",
-    on_event: Callable[[Event | SegmentationReady], None] | None = None,
+    on_event: Callable[[Event | PredictionProgress | SegmentationReady], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on the demo case, predict, export, score; returns the report."""
     out_dir = Path(out_dir)
@@ -144,7 +144,7 @@ def _number(value: float) -> float | None:
     return None if value != value else round(float(value), 2)  # NaN -> null
 
 
-def describe(event: Event | SegmentationReady) -> str | None:
+def describe(event: Event | PredictionProgress | SegmentationReady) -> str | None:
     """One line for a terminal, or None for events not worth a line."""
     if isinstance(event, Notice):
         return event.message
@@ -152,4 +152,6 @@ def describe(event: Event | SegmentationReady) -> str | None:
         dice = f", validation Dice {event.val_dice:.3f}" if event.val_dice is not None else ""
         eta = f", {event.eta_s:.0f} s left" if event.eta_s is not None else ""
         return f"step {event.step}/{event.total}{dice}{eta} ({event.device})"
+    if isinstance(event, PredictionProgress) and event.done == event.total:
+        return f"predicted {event.total} slices"
     return None
