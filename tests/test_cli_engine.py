@@ -63,6 +63,10 @@ def test_finetune_predict_evaluate(scan_files, capsys, monkeypatch):
     mask = folder / "mask.nii.gz"
     assert main(["predict", str(model), str(image), "--out", str(mask), "--device", "cpu"]) == 0
     predicted = load_volume(mask)
+    bar = capsys.readouterr().err  # the prediction's progress, over every plane's slices
+    planes = read_card(model).inference.get("planes", [read_card(model).slice_axis])
+    total = sum(predicted.shape[p] for p in planes)
+    assert f"{total}/{total}  slices" in bar
     scan = load_volume(image)
     assert predicted.shape == scan.shape
     np.testing.assert_allclose(predicted.affine, scan.affine)

@@ -1155,13 +1155,13 @@ def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
             "write a NIfTI mask (--out mask.nii.gz), or give the scan's DICOM folder."
         )
 
-    from napari_fewlabel.infer.predict import predict_volume  # imports torch
+    from napari_fewlabel.infer.predict import predict_volume_steps  # imports torch
     from napari_fewlabel.models.checkpoint import load_checkpoint
 
     model = load_checkpoint(model_path)
     image = load_volume(image_path)
     start = time.perf_counter()
-    labels = predict_volume(
+    steps = predict_volume_steps(
         model,
         image,
         axis=args.axis,
@@ -1169,6 +1169,15 @@ def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
         device=args.device,
         test_time_flips=args.flips,
     )
+    bar = _ProgressBar(sys.stderr)
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as finished:
+            labels: np.ndarray = finished.value
+            break
+        bar.count(done, total, "slices (every plane the model predicts along)")
+    bar.finish()
     if as_seg:
         from napari_fewlabel.io.dicom_seg import write_dicom_seg
 
