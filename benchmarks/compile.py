@@ -91,7 +91,7 @@ def main() -> None:
     def predict(name: str) -> None:
         _, run, _ = nets[name]
         with torch.inference_mode(), autocast(device, precision):
-            run(x[:BATCH])
+            run(x)
 
     def augment() -> None:
         # The default step's preparation: 4 labelled + 4 unlabelled slices (gathered, warped,

@@ -1155,7 +1155,7 @@ def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
             "write a NIfTI mask (--out mask.nii.gz), or give the scan's DICOM folder."
         )
 
-    from napari_fewlabel.infer.predict import predict_volume_steps  # imports torch
+    from napari_fewlabel.infer.predict import predict_volume_steps, run_to_end  # imports torch
     from napari_fewlabel.models.checkpoint import load_checkpoint
 
     model = load_checkpoint(model_path)
@@ -1170,13 +1170,9 @@ def _predict_one(args: argparse.Namespace, image_path: Path) -> int:
         test_time_flips=args.flips,
     )
     bar = _ProgressBar(sys.stderr)
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as finished:
-            labels: np.ndarray = finished.value
-            break
-        bar.count(done, total, "slices (every plane the model predicts along)")
+    labels = run_to_end(
+        steps, lambda done, total: bar.count(done, total, "slices (all planes predicted along)")
+    )
     bar.finish()
     if as_seg:
         from napari_fewlabel.io.dicom_seg import write_dicom_seg

@@ -179,12 +179,11 @@ def test_a_thin_scan_is_predicted_along_the_labelled_plane_only(model):
 
 
 def _run_steps(steps):
+    from napari_fewlabel.infer.predict import run_to_end
+
     counts = []
-    while True:
-        try:
-            counts.append(next(steps))
-        except StopIteration as finished:
-            return counts, finished.value
+    labels = run_to_end(steps, lambda done, total: counts.append((done, total)))
+    return counts, labels
 
 
 def test_the_steps_count_every_planes_slices_and_return_the_same_labels(model):

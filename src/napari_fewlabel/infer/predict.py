@@ -15,7 +15,7 @@ also keeps their running sum, one byte per class and voxel: 3.7x for a
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -95,12 +95,22 @@ def predict_volume(
         test_time_flips=test_time_flips,
         cancel=cancel,
     )
+    return run_to_end(steps)
+
+
+def run_to_end(
+    steps: Generator[tuple[int, int], None, np.ndarray],
+    on_step: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """The labels :func:`predict_volume_steps` returns; ``on_step(done, total)`` after each batch."""
     while True:
         try:
-            next(steps)
+            done, total = next(steps)
         except StopIteration as finished:
             labels: np.ndarray = finished.value
             return labels
+        if on_step is not None:
+            on_step(done, total)
 
 
 def predict_volume_steps(

@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
 )
 
 from napari_fewlabel.errors import FewLabelError
-from napari_fewlabel.jobs import PredictionProgress
 from napari_fewlabel.napari._plot import LinePlot
 from napari_fewlabel.napari._runner import JobFailed, ProcessRunner
 from napari_fewlabel.train.device import available_devices
@@ -34,6 +33,8 @@ from napari_fewlabel.train.events import Progress
 
 if TYPE_CHECKING:
     import napari
+
+    from napari_fewlabel.jobs import PredictionProgress
 
 
 def format_eta(seconds: float | None) -> str:
